@@ -1,0 +1,50 @@
+"""`rubric-fast train|score|bench|report ...`.
+
+Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this module only wires them up, importing each lazily so that ``rubric-fast score``
+does not pay for importing the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "train": ("rubric_fast.trainer.command", "train a policy on a rubric dataset (GRPO family)"),
+    "score": ("rubric_fast.scoring.command", "score responses offline with a judge and print pass rates"),
+    "bench": ("rubric_fast.bench_command", "run the kernel microbenchmarks on this device and print a table"),
+    "report": ("rubric_fast.trainer.report", "write PNG plots and an HTML page for a run directory"),
+    "selfcheck": ("rubric_fast.selfcheck", "check every available backend against the reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rubric-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:  # a subcommand whose optional dependencies are missing
+            p.set_defaults(_import_error=exc)
+            continue
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    err = getattr(args, "_import_error", None)
+    if err is not None:
+        print(f"rubric-fast {args.command}: cannot import {args._module}: {err}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

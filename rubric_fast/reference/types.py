@@ -1,0 +1,133 @@
+"""Configuration and result types shared by every backend of the policy losses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+
+LOSSES = ("ppo_clip", "cispo", "sapo", "gspo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"PolicyLossConfig.{field}: {msg}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Every variant of the clipped policy loss that the trainer and other trainers need.
+
+    loss:
+        ``ppo_clip`` (PPO, Schulman et al. 2017; with ``eps_high`` > ``eps_low`` this is DAPO's
+        clip-higher, Yu et al. 2025), ``cispo`` (MiniMax-M1, 2025: clipped, detached IS weight times
+        log-prob), ``sapo`` (Soft Adaptive Policy Optimization, Gao et al. 2025: sigmoid gate instead of
+        a hard clip) or ``gspo`` (Group Sequence Policy Optimization, Zheng et al. 2025: sequence-level
+        ratio, GSPO-token form).
+    eps_low, eps_high:
+        clip range ``[1 - eps_low, 1 + eps_high]``. ``cispo`` uses only ``eps_high``.
+    delta:
+        two-sided clipping (TRL's ``delta``, INTELLECT-2): the unclipped ratio is capped at ``delta``.
+    dual_clip:
+        dual-clip PPO (Ye et al. 2020): for negative advantages the loss is at most ``dual_clip * |A|``.
+    beta, kl:
+        KL penalty weight against a reference policy and its estimator (Schulman 2020, "Approximating
+        KL divergence"): ``k1 = log pi - log ref``, ``k2 = (log ref - log pi)^2 / 2``,
+        ``k3 = exp(log ref - log pi) - (log ref - log pi) - 1``.
+    entropy_coef:
+        the per-token loss is reduced by ``entropy_coef * entropy`` (an entropy bonus).
+    aggregation, normalizer:
+        ``token_mean``: sum of weighted token losses over ``normalizer`` (a global token count) or, when
+        None, over the local sum of loss weights. ``seq_mean_token_mean`` / ``seq_mean_token_sum``: mean
+        over sequences of the per-sequence token mean / sum; ``normalizer`` then is the global number of
+        sequences. ``constant`` (Dr. GRPO, Liu et al. 2025): sum over a fixed constant ``normalizer``
+        (e.g. max completion length x number of sequences), which is then required.
+    top_entropy_fraction:
+        train only on the fraction of valid tokens with the highest entropy ("Beyond the 80/20 rule",
+        Wang et al. 2025). The selection zeroes the loss of the other tokens; the normalizer still
+        counts every valid token.
+    sapo_tau_pos, sapo_tau_neg:
+        SAPO gate temperatures for positive / negative advantages.
+    """
+
+    loss: str = "ppo_clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    kl: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "token_mean"
+    normalizer: float | None = None
+    top_entropy_fraction: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+
+    def __post_init__(self) -> None:
+        _check(self.loss in LOSSES, "loss", f"got {self.loss!r}; accepted: {', '.join(LOSSES)}")
+        _check(self.kl in KL_ESTIMATORS, "kl", f"got {self.kl!r}; accepted: {', '.join(KL_ESTIMATORS)}")
+        _check(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            f"got {self.aggregation!r}; accepted: {', '.join(AGGREGATIONS)}",
+        )
+        for name in ("eps_low", "eps_high", "beta", "entropy_coef", "sapo_tau_pos", "sapo_tau_neg"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and math.isfinite(v), name, f"must be a finite number, got {v!r}")
+        _check(0.0 <= self.eps_low < 1.0, "eps_low", f"must be in [0, 1), got {self.eps_low}")
+        _check(self.eps_high >= 0.0, "eps_high", f"must be >= 0, got {self.eps_high}")
+        _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
+        _check(self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0, "sapo_tau_pos", "SAPO temperatures must be > 0")
+        if self.delta is not None:
+            _check(math.isfinite(self.delta) and self.delta > 1.0 + self.eps_high, "delta",
+                   f"must be > 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
+        if self.dual_clip is not None:
+            _check(math.isfinite(self.dual_clip) and self.dual_clip > 1.0, "dual_clip",
+                   f"must be > 1, got {self.dual_clip}")
+        if self.normalizer is not None:
+            _check(math.isfinite(self.normalizer) and self.normalizer > 0, "normalizer",
+                   f"must be > 0, got {self.normalizer}")
+        if self.aggregation == "constant":
+            _check(self.normalizer is not None, "normalizer",
+                   "aggregation='constant' (Dr. GRPO) needs a constant normalizer, e.g. max_new_tokens * n_seqs")
+        if self.top_entropy_fraction is not None:
+            _check(0.0 < self.top_entropy_fraction <= 1.0, "top_entropy_fraction",
+                   f"must be in (0, 1], got {self.top_entropy_fraction}")
+
+    def replace(self, **changes) -> PolicyLossConfig:
+        d = asdict(self)
+        d.update(changes)
+        return PolicyLossConfig(**d)
+
+    # Integer / float codes passed to C++, CUDA and Triton kernels.
+    @property
+    def loss_code(self) -> int:
+        return LOSSES.index(self.loss)
+
+    @property
+    def kl_code(self) -> int:
+        return KL_ESTIMATORS.index(self.kl)
+
+    @property
+    def aggregation_code(self) -> int:
+        return AGGREGATIONS.index(self.aggregation)
+
+
+class PolicyLossStats(NamedTuple):
+    """Diagnostics of one policy-loss call, each an fp32 scalar tensor (means over tokens with weight != 0).
+
+    clip_frac_low: tokens with ratio < 1 - eps_low and negative advantage.
+    clip_frac_high: tokens with ratio > 1 + eps_high and positive advantage.
+    kl_mean: mean KL estimate against the reference (0 without ``ref_logp``).
+    ratio_mean: mean importance ratio pi / pi_old (the GSPO token ratio for ``gspo``).
+    """
+
+    clip_frac_low: torch.Tensor
+    clip_frac_high: torch.Tensor
+    kl_mean: torch.Tensor
+    ratio_mean: torch.Tensor
