@@ -38,9 +38,10 @@ def _chunk_logits(x, weight, bias, v0, v1, temperature, dtype):
     return z / temperature if temperature != 1.0 else z
 
 
-def forward_stats(hidden, weight, targets, bias, temperature, ignore_index,
-                  row_chunk=DEFAULT_ROW_CHUNK, vocab_chunk=DEFAULT_VOCAB_CHUNK):
+def forward_stats(hidden, weight, targets, bias, temperature, ignore_index, row_chunk=None, vocab_chunk=None):
     """(logp, entropy, lse) without gradient, in the compute dtype."""
+    row_chunk = row_chunk or DEFAULT_ROW_CHUNK  # read at call time so tests can shrink the chunks
+    vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, v = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden, weight, bias)
     active = check_targets(targets, v, ignore_index)
@@ -77,12 +78,13 @@ def forward_stats(hidden, weight, targets, bias, temperature, ignore_index,
 
 
 def backward_grads(hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy, temperature,
-                   ignore_index, needs=(True, True, True),
-                   row_chunk=DEFAULT_ROW_CHUNK, vocab_chunk=DEFAULT_VOCAB_CHUNK):
+                   ignore_index, needs=(True, True, True), row_chunk=None, vocab_chunk=None):
     """dX, dW, db from per-row upstream gradients, recomputing the logits chunk by chunk.
 
     dz = g_logp (onehot - p) - g_H p (z - mu), mu = lse - H; dlogits = dz / T.
     """
+    row_chunk = row_chunk or DEFAULT_ROW_CHUNK
+    vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, v = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden, weight, bias)
     active = targets != ignore_index
