@@ -148,35 +148,15 @@ def token_coefficients(loss_weight, seq_index, aggregation: int, normalizer: flo
     return torch.where(d != 0, c, torch.zeros_like(c))
 
 
-def policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                        entropy_mask, loss_type: int, eps_low: float, eps_high: float, delta: float,
-                        dual_clip: float, beta: float, kl_type: int, entropy_coef: float, aggregation: int,
-                        normalizer: float, sapo_tau_pos: float, sapo_tau_neg: float):
-    """-> (loss 0-dim f32, stats f32[4] = clip_frac_low, clip_frac_high, kl_mean, ratio_mean,
-    grad_logp f32[N], grad_entropy f32[N]) for an upstream gradient of 1.
-    delta, dual_clip, normalizer <= 0 mean unset; entropy / ref_logp / is_weight / entropy_mask may be None."""
-    n = logp.shape[0]
-    dev = logp.device
-    if loss_type not in (0, 1, 2, 3):
-        raise ValueError(f"loss_type: expected 0 ppo_clip, 1 cispo, 2 sapo, 3 gspo; got {loss_type}")
-    if kl_type not in (0, 1, 2):
-        raise ValueError(f"kl_type: expected 0 k1, 1 k2, 2 k3; got {kl_type}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("ref_logp: required when beta > 0")
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError("entropy: required when entropy_coef != 0")
-    needs_seq = loss_type == LOSS_GSPO or aggregation in (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM)
-    inv, n_seq = _segments(seq_index, n, dev) if needs_seq else (None, 0)
-    lp = logp.float().contiguous()
-    w = loss_weight.float().contiguous()
-    coef = token_coefficients(w, seq_index, aggregation, normalizer, inv, n_seq).contiguous()
-    lr_tok = None
-    if loss_type == LOSS_GSPO:
-        mask = (w != 0).float()
-        lr = (lp - old_logp.float()) * mask
-        lr = torch.where(w != 0, lr, torch.zeros_like(lr))
-        seq_lr = _seg_sum(lr, inv, n_seq) / _seg_sum(mask, inv, n_seq).clamp_min(1)
-        lr_tok = seq_lr[inv].contiguous()
+def policy_token_grads(lp, old_logp, advantages, w, coef, lr_tok, ref_logp, is_weight, entropy, entropy_mask,
+                       loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, sapo_tau_pos,
+                       sapo_tau_neg):
+    """The elementwise pass with given coefficients c_t: (grad_logp, grad_entropy, partial sums [blocks, 5])."""
+    n = lp.shape[0]
+    dev = lp.device
+    lp = lp.float().contiguous()
+    w = w.contiguous()
+    coef = coef.contiguous()
     block = 64 if interpreting() else 1024
     nb = max(1, triton.cdiv(n, block))
     grad_logp = new_empty((n,), torch.float32, dev)
@@ -200,6 +180,42 @@ def policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_we
             LOSS=int(loss_type), KL=int(kl_type), HAS_LR=lr_tok is not None, HAS_DELTA=delta > 0,
             HAS_DUAL=dual_clip > 0, HAS_REF=ref_logp is not None, HAS_ISW=is_weight is not None,
             HAS_ENT=entropy is not None, HAS_EMASK=entropy_mask is not None, BLOCK=block)
+    return grad_logp, grad_ent, part
+
+
+def policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
+                        entropy_mask, loss_type: int, eps_low: float, eps_high: float, delta: float,
+                        dual_clip: float, beta: float, kl_type: int, entropy_coef: float, aggregation: int,
+                        normalizer: float, sapo_tau_pos: float, sapo_tau_neg: float):
+    """-> (loss 0-dim f32, stats f32[4] = clip_frac_low, clip_frac_high, kl_mean, ratio_mean,
+    grad_logp f32[N], grad_entropy f32[N]) for an upstream gradient of 1.
+    delta, dual_clip, normalizer <= 0 mean unset; entropy / ref_logp / is_weight / entropy_mask may be None."""
+    delta, dual_clip, normalizer = float(delta or 0.0), float(dual_clip or 0.0), float(normalizer or 0.0)
+    n = logp.shape[0]
+    dev = logp.device
+    if loss_type not in (0, 1, 2, 3):
+        raise ValueError(f"loss_type: expected 0 ppo_clip, 1 cispo, 2 sapo, 3 gspo; got {loss_type}")
+    if kl_type not in (0, 1, 2):
+        raise ValueError(f"kl_type: expected 0 k1, 1 k2, 2 k3; got {kl_type}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp: required when beta > 0")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy: required when entropy_coef != 0")
+    needs_seq = loss_type == LOSS_GSPO or aggregation in (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM)
+    inv, n_seq = _segments(seq_index, n, dev) if needs_seq else (None, 0)
+    lp = logp.float().contiguous()
+    w = loss_weight.float().contiguous()
+    coef = token_coefficients(w, seq_index, aggregation, normalizer, inv, n_seq).contiguous()
+    lr_tok = None
+    if loss_type == LOSS_GSPO:
+        mask = (w != 0).float()
+        lr = (lp - old_logp.float()) * mask
+        lr = torch.where(w != 0, lr, torch.zeros_like(lr))
+        seq_lr = _seg_sum(lr, inv, n_seq) / _seg_sum(mask, inv, n_seq).clamp_min(1)
+        lr_tok = seq_lr[inv].contiguous()
+    grad_logp, grad_ent, part = policy_token_grads(
+        lp, old_logp, advantages, w, coef, lr_tok, ref_logp, is_weight, entropy, entropy_mask, loss_type, eps_low,
+        eps_high, delta, dual_clip, beta, kl_type, entropy_coef, sapo_tau_pos, sapo_tau_neg)
     sums = part.sum(0)
     cnt = (w != 0).sum().float().clamp_min(1.0)
     stats = sums[1:] / cnt
