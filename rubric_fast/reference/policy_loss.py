@@ -131,3 +131,80 @@ def policy_loss(logp, old_logp, advantages, loss_weight, *, ref_logp=None, is_we
             ratio_mean=(r * m).sum() / cnt,
         )
     return loss, stats
+
+
+def _min_grad(a, b, da, db):
+    """d min(a, b): the smaller side's derivative; half of each at a tie (as torch.minimum's autograd)."""
+    return torch.where(a < b, da, torch.where(b < a, db, 0.5 * (da + db)))
+
+
+def policy_loss_with_grads(logp, old_logp, advantages, loss_weight, *, ref_logp=None, is_weight=None,
+                           seq_index=None, config: PolicyLossConfig, entropy=None, entropy_mask=None):
+    """(loss, stats f32[4], dL/dlogp [N], dL/dentropy [N]) in closed form: what the native kernels compute.
+
+    Values come from :func:`policy_loss`; the per-token gradients are written out by hand (tests check
+    them against autograd through :func:`policy_loss`).
+    """
+    cfg = config
+    with torch.no_grad():
+        loss, stats = policy_loss(logp.detach(), old_logp, advantages, loss_weight, ref_logp=ref_logp,
+                                  is_weight=is_weight, seq_index=seq_index, config=cfg,
+                                  entropy=None if entropy is None else entropy.detach(), entropy_mask=entropy_mask)
+        n = logp.shape[0]
+        dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+        lp, olp, adv, w = (t.detach().to(dt) for t in (logp, old_logp, advantages, loss_weight))
+        mask = w != 0
+        zero = torch.zeros_like(lp)
+        needs_seq = cfg.loss == "gspo" or cfg.aggregation in ("seq_mean_token_mean", "seq_mean_token_sum")
+        inv, n_seq = _segments(seq_index, n) if needs_seq else (None, 0)
+        if cfg.loss == "gspo":
+            lr = torch.where(mask, lp - olp, zero)
+            cnt = _seg_sum(mask.to(dt), inv, n_seq)
+            rho = torch.exp((_seg_sum(lr, inv, n_seq) / cnt.clamp_min(1))[inv])
+        else:
+            rho = torch.exp(lp - olp)
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        # d rho / d logp = rho for both the token ratio and the GSPO-token ratio
+        if cfg.loss in ("ppo_clip", "gspo"):
+            if cfg.delta is not None:
+                r1 = torch.clamp(rho, max=cfg.delta)
+                d_r1 = torch.where(rho <= cfg.delta, rho, zero)
+            else:
+                r1, d_r1 = rho, rho
+            u, c = r1 * adv, torch.clamp(rho, lo, hi) * adv
+            d_c = torch.where((rho >= lo) & (rho <= hi), rho, zero) * adv
+            m = torch.minimum(u, c)
+            d_pg = -_min_grad(u, c, d_r1 * adv, d_c)
+            if cfg.dual_clip is not None:
+                pg, cap = -m, -cfg.dual_clip * adv
+                d_pg = torch.where(adv < 0, _min_grad(pg, cap, d_pg, zero), d_pg)
+        elif cfg.loss == "cispo":
+            d_pg = -torch.clamp(rho, max=hi) * adv
+        else:
+            tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
+            s = torch.sigmoid(tau * (rho - 1.0))
+            d_pg = -4.0 * s * (1.0 - s) * rho * adv
+        if is_weight is not None:
+            d_pg = d_pg * is_weight.detach().to(dt)
+        d_tok = d_pg
+        if ref_logp is not None and cfg.beta > 0:
+            d = ref_logp.detach().to(dt) - lp
+            d_kl = torch.ones_like(d) if cfg.kl == "k1" else (-d if cfg.kl == "k2" else 1.0 - torch.exp(d))
+            d_tok = d_tok + cfg.beta * d_kl
+        d_ent = torch.full_like(lp, -cfg.entropy_coef)
+        if entropy_mask is not None:
+            em = entropy_mask.detach().to(dt)
+            d_tok, d_ent = d_tok * em, d_ent * em
+        # aggregation coefficient of each token
+        if cfg.aggregation in ("token_mean", "constant"):
+            denom = float(cfg.normalizer) if cfg.normalizer is not None else float(w.sum())
+            coef = w / denom if denom != 0 else zero
+        else:
+            s_w = _seg_sum(w, inv, n_seq)
+            live = s_w != 0
+            denom = float(cfg.normalizer) if cfg.normalizer is not None else float(live.sum())
+            per_tok = w / torch.where(live, s_w, 1.0)[inv] if cfg.aggregation == "seq_mean_token_mean" else w
+            coef = per_tok / denom if denom != 0 else zero
+        g_lp = coef * d_tok
+        g_ent = coef * d_ent if entropy is not None else zero
+        return loss, torch.stack(list(stats)).float(), g_lp, g_ent
