@@ -1,0 +1,122 @@
+"""Shared logic of the LLM judges (http, hf): prompts, modes, strict parsing with at most two re-asks.
+
+Modes:
+
+* ``per_criterion``: one call per criterion, reply ``{"explanation", "criteria_met"}``.
+* ``batch``: ``batch_size`` criteria per call, reply a JSON list keyed by ``criterion_id``; ids missing or
+  duplicated in the reply are re-asked one by one in per-criterion mode.
+* ``holistic``: one call for all criteria, reply ``{"explanation", "rating"}`` (1-10), returned as a single
+  verdict with id ``__holistic__`` whose score is the raw rating (the ``implicit_likert`` aggregator maps it).
+
+A reply that cannot be parsed is re-asked (the bad reply and the parse error are shown to the judge) at most
+``max_reasks`` times; then the verdict is ``None`` with the error. Transport failures are retried by the call
+pool underneath, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any, Callable
+
+from . import prompts
+from .base import HOLISTIC_ID, JudgeCallError, JudgeRequest, Verdict, strip_think
+
+MODES = ("per_criterion", "batch", "holistic")
+
+
+class ChatJudge:
+    name = "chat"
+
+    def __init__(self, *, mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2):
+        if mode not in MODES:
+            raise ValueError(f"judge mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mode, self.batch_size, self.max_reasks = mode, batch_size, max_reasks
+        self.stats: Counter = Counter()
+
+    @property
+    def holistic(self) -> bool:
+        return self.mode == "holistic"
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}:mode={self.mode}:k={self.batch_size if self.mode == 'batch' else 1}"
+
+    async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ asking
+    async def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], Any], *,
+                   deadline: float | None) -> tuple[Any, str | None]:
+        msgs = list(messages)
+        last = "no attempt"
+        for attempt in range(self.max_reasks + 1):
+            if attempt:
+                self.stats["reasks"] += 1
+            try:
+                text = await self._complete(msgs, deadline=deadline)
+            except JudgeCallError as exc:
+                self.stats[f"call_{exc.kind}"] += 1
+                return None, f"{exc.kind}: {exc}"
+            text = strip_think(text or "")
+            try:
+                return parse(text), None
+            except prompts.ParseError as exc:
+                self.stats["parse_failures"] += 1
+                last = str(exc)
+                msgs = msgs + [{"role": "assistant", "content": text[:4000]},
+                               {"role": "user", "content": prompts.REASK.format(error=last)}]
+        self.stats["parse_given_up"] += 1
+        return None, f"parse: {last} (after {self.max_reasks} re-asks)"
+
+    async def _one(self, req: JudgeRequest, response: str, c) -> Verdict:
+        msgs = prompts.per_criterion_messages(req.prompt, response, c, req.reference_answer)
+        res, err = await self._ask(msgs, prompts.parse_per_criterion, deadline=req.deadline_s)
+        if res is None:
+            return Verdict(c.id, None, "", err)
+        met, why = res
+        return Verdict(c.id, 1.0 if met else 0.0, why)
+
+    async def _batch(self, req: JudgeRequest, response: str, chunk: list) -> list[Verdict]:
+        ids = [c.id for c in chunk]
+        msgs = prompts.batch_messages(req.prompt, response, chunk, req.reference_answer)
+        res, err = await self._ask(msgs, lambda t: prompts.parse_batch(t, ids), deadline=req.deadline_s)
+        if res is None and err is not None and not err.startswith("parse"):
+            return [Verdict(i, None, "", err) for i in ids]  # the transport failed: don't hammer it per criterion
+        res = res or {}
+        redo = [c for c in chunk if c.id not in res]
+        if redo:
+            self.stats["batch_reasked_singly"] += len(redo)
+        singles = await asyncio.gather(*(self._one(req, response, c) for c in redo))
+        by_id = {v.criterion_id: v for v in singles}
+        out = []
+        for c in chunk:
+            if c.id in res:
+                met, why = res[c.id]
+                out.append(Verdict(c.id, 1.0 if met else 0.0, why))
+            else:
+                out.append(by_id[c.id])
+        return out
+
+    async def _holistic(self, req: JudgeRequest, response: str) -> Verdict:
+        msgs = prompts.holistic_messages(req.prompt, response, req.criteria, req.reference_answer)
+        res, err = await self._ask(msgs, prompts.parse_holistic, deadline=req.deadline_s)
+        if res is None:
+            return Verdict(HOLISTIC_ID, None, "", err)
+        rating, why = res
+        return Verdict(HOLISTIC_ID, rating, why)
+
+    async def grade(self, request: JudgeRequest) -> list[Verdict]:
+        response = strip_think(request.response)
+        self.stats["requests"] += 1
+        if not request.criteria:
+            return []
+        if self.mode == "holistic":
+            return [await self._holistic(request, response)]
+        if self.mode == "per_criterion":
+            return list(await asyncio.gather(*(self._one(request, response, c) for c in request.criteria)))
+        chunks = [request.criteria[i:i + self.batch_size] for i in range(0, len(request.criteria), self.batch_size)]
+        parts = await asyncio.gather(*(self._batch(request, response, ch) for ch in chunks))
+        return [v for part in parts for v in part]

@@ -1,0 +1,123 @@
+"""Factories from plain config: :func:`build_judge`, :func:`build_scorer`, :func:`build_service`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rubric_fast.judges.guard import GuardConfig, GuardedJudge
+from rubric_fast.judges.routing import RoutingJudge
+from rubric_fast.judges.rule import RuleJudge
+
+from .pool import CallPool
+from .scorer import ScorerConfig, StreamingScorer
+from .service import ScoringService
+
+JUDGE_TYPES = ("rule", "http", "hf", "embedding")
+_POOL_KEYS = {"concurrency", "rpm", "tpm", "timeout_s", "retries", "backoff_base_s", "backoff_max_s"}
+_JUDGE_KEYS = {
+    "rule": set(),
+    "http": {"model", "endpoints", "api_key_env", "mode", "batch_size", "max_reasks", "max_tokens", "temperature",
+             "extra_body"} | _POOL_KEYS,
+    "hf": {"model", "mode", "batch_size", "criteria_per_call", "max_new_tokens", "max_input_tokens", "device",
+           "dtype", "batch_wait_s", "timeout_s", "max_reasks"},
+    "embedding": {"model_path", "threshold", "low", "high", "device", "max_length"},
+}
+_COMMON_KEYS = {"type", "guard"}
+
+
+def _check_keys(cfg: dict, allowed: set, where: str) -> None:
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
+
+
+def build_judge(config: dict[str, Any], *, guard: bool | None = None):
+    """A judge from a plain mapping (see :mod:`rubric_fast.scoring` for the keys).
+
+    Criteria are routed by their ``verifier``: ``rule`` criteria always go to a :class:`RuleJudge`; ``llm``
+    criteria to the configured http/hf judge (or to the embedding judge when ``type: embedding``);
+    ``embedding`` criteria to an embedding judge when one is configured. ``guard`` (default: the config's
+    ``guard`` key, else on) wraps the result in :class:`GuardedJudge`; the scorer applies its own guard,
+    so :func:`build_scorer` builds the judge with ``guard=False``.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"judge config must be a mapping, got {type(config).__name__}")
+    kind = config.get("type")
+    if kind not in JUDGE_TYPES:
+        raise ValueError(f"judge.type: must be one of {', '.join(JUDGE_TYPES)}; got {kind!r}")
+    _check_keys(config, _JUDGE_KEYS[kind] | _COMMON_KEYS, f"judge ({kind})")
+    kw = {k: v for k, v in config.items() if k not in _COMMON_KEYS}
+    rule = RuleJudge()
+    if kind == "rule":
+        judge: Any = RoutingJudge({"rule": rule}, name="rule")
+    elif kind == "http":
+        from rubric_fast.judges.http import HttpJudge
+
+        for key in ("model", "endpoints"):
+            if not kw.get(key):
+                raise ValueError(f"judge.{key}: required for an http judge (e.g. model: Qwen/Qwen3-8B, "
+                                 "endpoints: [http://localhost:8000/v1])")
+        judge = RoutingJudge({"llm": HttpJudge(**kw), "rule": rule})
+    elif kind == "hf":
+        from rubric_fast.judges.hf import HFJudge
+
+        if not kw.get("model"):
+            raise ValueError("judge.model: required for an hf judge (a Hugging Face name or a local path)")
+        if "timeout_s" in kw:
+            kw["call_timeout_s"] = kw.pop("timeout_s")
+        judge = RoutingJudge({"llm": HFJudge(**kw), "rule": rule})
+    else:
+        from rubric_fast.judges.embedding import EmbeddingJudge
+
+        emb = EmbeddingJudge(**kw)
+        judge = RoutingJudge({"llm": emb, "embedding": emb, "rule": rule})
+    use_guard = config.get("guard", True) if guard is None else guard
+    gcfg = GuardConfig.from_value(use_guard)
+    return GuardedJudge(judge, gcfg) if gcfg.enabled else judge
+
+
+def scorer_config(config: Any) -> tuple[dict[str, Any] | None, ScorerConfig]:
+    """Split ``{judge: {...}, scoring-keys...}`` (or a ScorerConfig) into (judge mapping, ScorerConfig)."""
+    if isinstance(config, ScorerConfig):
+        return None, config
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, dict):
+        raise ValueError(f"scorer config must be a mapping or ScorerConfig, got {type(config).__name__}")
+    config = dict(config)
+    judge_cfg = config.pop("judge", None)
+    scoring = config.pop("scoring", None) or {}
+    merged = {**scoring, **config}
+    fields = {f.name for f in dataclasses.fields(ScorerConfig)}
+    _check_keys(merged, fields, "scoring")
+    cfg = ScorerConfig(**merged)
+    cfg.validate()
+    return judge_cfg, cfg
+
+
+def build_scorer(config: Any, *, judge=None, cache=None) -> StreamingScorer:
+    """Async scorer from ``{judge: {...}, min_valid: ..., ...}``; pass ``judge=`` to use your own judge."""
+    judge_cfg, cfg = scorer_config(config)
+    if judge is None:
+        if judge_cfg is None:
+            raise ValueError("scorer config: missing 'judge' mapping (e.g. {type: rule})")
+        judge = build_judge(judge_cfg, guard=False)
+        if "guard" in judge_cfg and cfg.guard is True:
+            cfg.guard = judge_cfg["guard"]
+    return StreamingScorer(judge, cfg, cache=cache)
+
+
+def build_service(config: Any, *, judge=None, cache=None) -> ScoringService:
+    """Synchronous :class:`ScoringService` (background event loop) from the same config as build_scorer."""
+    judge_cfg, cfg = scorer_config(config)
+    if judge is None:
+        if judge_cfg is None:
+            raise ValueError("scorer config: missing 'judge' mapping (e.g. {type: rule})")
+        judge = build_judge(judge_cfg, guard=False)
+        if "guard" in judge_cfg and cfg.guard is True:
+            cfg.guard = judge_cfg["guard"]
+    return ScoringService(judge, cfg, cache=cache)
+
+
+__all__ = ["JUDGE_TYPES", "CallPool", "build_judge", "build_scorer", "build_service", "scorer_config"]

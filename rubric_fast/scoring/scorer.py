@@ -1,0 +1,375 @@
+"""The async streaming scorer: one task per submitted completion; groups released when complete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rubric_fast.judges.base import JudgeRequest, Verdict, failed
+from rubric_fast.judges.guard import GuardConfig, guard_verdicts, junk_reason
+from rubric_fast.rubric.aggregate import aggregate
+from rubric_fast.rubric.loaders import rubric_from_dict
+from rubric_fast.rubric.schema import Aggregation, Rubric
+
+from .cache import VerdictCache, cache_key
+
+
+class ScoringError(RuntimeError):
+    """The scorer stopped: the judge error rate passed ``max_error_rate`` (or the scorer was closed)."""
+
+
+@dataclass
+class ScorerConfig:
+    """Everything but the judge. Keys of the ``scoring`` mapping accepted by :func:`build_scorer`."""
+
+    group_size: int | None = None        # default members per group; else pass group_size= or close_group()
+    min_valid: int = 2                   # groups with fewer scored members are dropped (and counted)
+    deadline_s: float = 600.0            # per rollout, from submission: then its unjudged criteria fail
+    max_error_rate: float = 0.5          # fraction of failed rollouts (over the last error_window) that stops the run
+    error_window: int = 200
+    error_min_samples: int = 50          # no stop before this many rollouts have finished
+    guard: Any = True                    # true / false / {enabled, openers, extra_openers, check_echo, check_injection}
+    cache_path: str | None = None        # SQLite file; None = no cache
+    aggregation: dict | None = None      # override every rubric's aggregation block
+    deliver_dropped: bool = False        # also hand out dropped groups (with dropped=True)
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"scoring.{key}: {msg}")
+
+        need(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 1),
+             "group_size", f"must be an integer >= 1 or null, got {self.group_size!r}")
+        need(isinstance(self.min_valid, int) and self.min_valid >= 0, "min_valid",
+             f"must be an integer >= 0, got {self.min_valid!r}")
+        need(self.deadline_s > 0, "deadline_s", f"must be > 0 seconds, got {self.deadline_s!r}")
+        need(0.0 <= self.max_error_rate <= 1.0, "max_error_rate", f"must lie in [0, 1], got {self.max_error_rate!r}")
+        need(self.error_window >= 1, "error_window", "must be >= 1")
+        GuardConfig.from_value(self.guard)
+        if self.aggregation is not None:
+            Aggregation.from_dict(self.aggregation, key="scoring.aggregation")
+
+
+@dataclass
+class ScoredRollout:
+    rollout_id: str
+    reward: float | None                 # None = failed (excluded from its group), never 0 for a failure
+    verdicts: list[Verdict]
+    detail: dict[str, Any]
+    error: str | None = None
+    guarded: bool = False
+    latency_s: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoredGroup:
+    group_id: Any
+    members: list[ScoredRollout]
+    dropped: bool = False
+
+    @property
+    def rewards(self) -> list[float | None]:
+        return [m.reward for m in self.members]
+
+    @property
+    def valid(self) -> list[ScoredRollout]:
+        return [m for m in self.members if m.reward is not None]
+
+
+@dataclass
+class _Group:
+    expected: int | None
+    members: dict[str, ScoredRollout | None] = field(default_factory=dict)
+    closed: bool = False
+
+
+def _percentile(xs, p: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def iter_judges(judge) -> list:
+    """The judge and every judge it wraps (guard, routing, counting)."""
+    out, todo = [], [judge]
+    while todo:
+        j = todo.pop()
+        out.append(j)
+        if hasattr(j, "inner"):
+            todo.append(j.inner)
+        if isinstance(getattr(j, "judges", None), dict):
+            todo.extend(j.judges.values())
+    return out
+
+
+class StreamingScorer:
+    """Async API. Call :meth:`submit` from the event loop; read groups with ``async for g in scorer.groups()``
+    or pass ``on_group`` (called in the loop thread for every released group)."""
+
+    def __init__(self, judge, config: ScorerConfig | None = None, *, cache: VerdictCache | None = None,
+                 on_group: Callable[[ScoredGroup], None] | None = None):
+        self.judge = judge
+        self.config = config or ScorerConfig()
+        self.config.validate()
+        self.guard = GuardConfig.from_value(self.config.guard)
+        self.aggregation = (Aggregation.from_dict(self.config.aggregation, key="scoring.aggregation")
+                            if self.config.aggregation else None)
+        if cache is None and self.config.cache_path:
+            cache = VerdictCache(self.config.cache_path)
+        self.cache = cache
+        self.on_group = on_group
+        self._groups: dict[Any, _Group] = {}
+        self._ready: asyncio.Queue | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.fatal: ScoringError | None = None
+        self._identity = getattr(judge, "identity", getattr(judge, "name", type(judge).__name__))
+        self._holistic = bool(getattr(judge, "holistic", False))
+        # metrics
+        self.c: Counter = Counter()
+        self._window: deque = deque(maxlen=self.config.error_window)
+        self._latencies: deque = deque(maxlen=20000)
+        self._last_errors: deque = deque(maxlen=5)
+
+    # ------------------------------------------------------------------------------------------ one rollout
+    async def score(self, rollout_id: str, rubric: Rubric | dict, response: str, *,
+                    submitted_at: float | None = None, **meta) -> ScoredRollout:
+        """Score one completion now (no grouping)."""
+        if isinstance(rubric, dict):
+            rubric = rubric_from_dict(rubric)
+        t0 = submitted_at or time.monotonic()
+        deadline = t0 + self.config.deadline_s
+        criteria = rubric.criteria
+        reason = junk_reason(response, criteria, self.guard)
+        verdicts: list[Verdict] = []
+        if reason is not None:
+            verdicts = guard_verdicts(criteria, reason, holistic=self._holistic)
+            self.c["guarded"] += 1
+        else:
+            if self._holistic:
+                units = [(cache_key(self._identity, criteria, rubric.prompt, response, rubric.reference_answer), criteria)]
+            else:
+                units = [(cache_key(self._identity, c, rubric.prompt, response, rubric.reference_answer), [c])
+                         for c in criteria]
+            todo_units = []
+            for key, crit in units:
+                hit = self.cache.get(key) if self.cache is not None else None
+                if hit is not None:
+                    verdicts += hit
+                    self.c["cache_hits"] += len(crit)
+                else:
+                    todo_units.append((key, crit))
+            todo = [c for _, crit in todo_units for c in crit]
+            if todo:
+                verdicts += await self._ask_judge(rollout_id, rubric, response, todo, deadline, meta)
+                if self.cache is not None:
+                    by_id = {v.criterion_id: v for v in verdicts}
+                    for key, crit in todo_units:
+                        if self._holistic:
+                            self.cache.put(key, [v for v in verdicts if not v.cached], judge=self._identity)
+                        elif crit[0].id in by_id:
+                            self.cache.put(key, [by_id[crit[0].id]], judge=self._identity)
+        res = aggregate(rubric, verdicts, self.aggregation)
+        reward, error = res.reward, res.error
+        guarded = reason is not None
+        if guarded and reward is not None:
+            reward = min(reward, 0.0)  # junk never scores above 0, whatever the aggregation
+        for v in verdicts:
+            if v.error:
+                kind = v.error.split(":", 1)[0]
+                self.c[f"verdict_error_{kind}"] += 1
+        out = ScoredRollout(rollout_id, reward, verdicts, res.detail, error, guarded, time.monotonic() - t0, meta)
+        self._account(out)
+        return out
+
+    async def _ask_judge(self, rollout_id, rubric, response, todo, deadline, meta) -> list[Verdict]:
+        req = JudgeRequest(rollout_id, rubric.prompt, response, todo, rubric.reference_answer, deadline, meta)
+        self.c["judge_requests"] += 1
+        self.c["verdicts_requested"] += len(todo)
+        try:
+            # the judge sees the deadline itself; the extra second only catches a judge that ignores it
+            got = await asyncio.wait_for(self.judge.grade(req), max(0.0, deadline - time.monotonic()) + 1.0)
+        except asyncio.TimeoutError:
+            return failed(todo, f"deadline: rollout deadline of {self.config.deadline_s:g}s passed")
+        except Exception as exc:  # noqa: BLE001 - a crashing judge fails this rollout, not the run
+            return failed(todo, f"judge_crashed: {type(exc).__name__}: {exc}")
+        if self._holistic:
+            return list(got)
+        by_id = {v.criterion_id: v for v in got}
+        return [by_id.get(c.id) or Verdict(c.id, None, "", "missing: the judge returned no verdict") for c in todo]
+
+    def _account(self, r: ScoredRollout) -> None:
+        self.c["rollouts_done"] += 1
+        self._latencies.append(r.latency_s)
+        failed_ = r.reward is None
+        self._window.append(failed_)
+        if failed_:
+            self.c["rollouts_failed"] += 1
+            if any(v.error and v.error.startswith(("deadline", "timeout")) for v in r.verdicts):
+                self.c["rollouts_timed_out"] += 1
+            self._last_errors.append(r.error or "unknown")
+        else:
+            self.c["rollouts_scored"] += 1
+        if (self.fatal is None and self.c["rollouts_done"] >= self.config.error_min_samples
+                and len(self._window) > 0):
+            rate = sum(self._window) / len(self._window)
+            if rate > self.config.max_error_rate:
+                self.fatal = ScoringError(
+                    f"judge error rate {rate:.1%} over the last {len(self._window)} rollouts exceeds "
+                    f"scoring.max_error_rate={self.config.max_error_rate:g}; last errors: "
+                    f"{list(self._last_errors)}. Check the judge endpoint, or raise max_error_rate.")
+
+    # ------------------------------------------------------------------------------------------ streaming
+    def submit(self, group_id, rollout_id: str, rubric: Rubric | dict, response: str, *,
+               group_size: int | None = None, **meta) -> asyncio.Task:
+        """Start scoring at once (call from the event loop). Raises ScoringError once the run has stopped."""
+        if self.fatal is not None:
+            raise self.fatal
+        g = self._groups.get(group_id)
+        if g is None:
+            g = self._groups[group_id] = _Group(group_size or self.config.group_size)
+        elif group_size is not None:
+            g.expected = group_size
+        if g.closed:
+            raise ValueError(f"group {group_id!r} was already closed or released")
+        if rollout_id in g.members:
+            raise ValueError(f"rollout {rollout_id!r} was already submitted to group {group_id!r}")
+        g.members[rollout_id] = None
+        self.c["rollouts_submitted"] += 1
+        task = asyncio.get_running_loop().create_task(self._run(group_id, rollout_id, rubric, response, meta))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run(self, group_id, rollout_id, rubric, response, meta) -> None:
+        t0 = time.monotonic()
+        try:
+            r = await self.score(rollout_id, rubric, response, submitted_at=t0, **meta)
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed rubric dict: this member fails
+            r = ScoredRollout(rollout_id, None, [], {}, f"{type(exc).__name__}: {exc}", meta=meta)
+            self._account(r)
+        g = self._groups.get(group_id)
+        if g is None:
+            return
+        g.members[rollout_id] = r
+        self._maybe_release(group_id)
+
+    def close_group(self, group_id) -> None:
+        """No more members will come for this group: release it once its submitted members are done."""
+        g = self._groups.get(group_id)
+        if g is None:
+            raise KeyError(f"unknown group {group_id!r}")
+        g.closed = True
+        self._maybe_release(group_id)
+
+    def _maybe_release(self, group_id) -> None:
+        g = self._groups[group_id]
+        if any(m is None for m in g.members.values()):
+            return
+        if not g.closed and (g.expected is None or len(g.members) < g.expected):
+            return
+        del self._groups[group_id]
+        members = list(g.members.values())
+        valid = sum(m.reward is not None for m in members)
+        dropped = valid < self.config.min_valid
+        self.c["groups_dropped" if dropped else "groups_released"] += 1
+        if dropped and not self.config.deliver_dropped:
+            return
+        group = ScoredGroup(group_id, members, dropped)
+        if self.on_group is not None:
+            self.on_group(group)
+        else:
+            if self._ready is None:
+                self._ready = asyncio.Queue()
+            self._ready.put_nowait(group)
+
+    async def next_group(self, timeout: float | None = None) -> ScoredGroup | None:
+        """The next released group, or None after ``timeout`` seconds. Raises ScoringError after a stop."""
+        if self._ready is None:
+            self._ready = asyncio.Queue()
+        if self.fatal is not None and self._ready.empty():
+            raise self.fatal
+        try:
+            return await asyncio.wait_for(self._ready.get(), timeout)
+        except asyncio.TimeoutError:
+            if self.fatal is not None:
+                raise self.fatal from None
+            return None
+
+    async def groups(self):
+        """Async iterator over released groups until every submitted rollout is done and no group is open."""
+        while True:
+            if self._ready is not None and not self._ready.empty():
+                yield self._ready.get_nowait()
+                continue
+            if self.fatal is not None:
+                raise self.fatal
+            if not self._tasks and not self._groups:
+                return
+            g = await self.next_group(timeout=0.05)
+            if g is not None:
+                yield g
+
+    async def drain(self) -> None:
+        """Wait until every submitted rollout is scored or failed."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    @property
+    def pending_groups(self) -> int:
+        return len(self._groups)
+
+    async def aclose(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for j in iter_judges(self.judge):
+            if hasattr(j, "aclose"):
+                await j.aclose()
+        if self.cache is not None:
+            self.cache.close()
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def metrics(self) -> dict[str, Any]:
+        c = self.c
+        done = c["rollouts_done"]
+        requested = c["verdicts_requested"]
+        lat = list(self._latencies)
+        m: dict[str, Any] = {
+            "rollouts_submitted": c["rollouts_submitted"], "rollouts_done": done,
+            "rollouts_scored": c["rollouts_scored"], "rollouts_failed": c["rollouts_failed"],
+            "in_flight": len(self._tasks), "groups_released": c["groups_released"],
+            "groups_dropped": c["groups_dropped"], "groups_open": len(self._groups),
+            "error_rate": c["rollouts_failed"] / done if done else 0.0,
+            "timeout_rate": c["rollouts_timed_out"] / done if done else 0.0,
+            "guarded": c["guarded"], "judge_requests": c["judge_requests"], "verdicts_requested": requested,
+            "cache_hits": c["cache_hits"],
+            "cache_hit_rate": c["cache_hits"] / (c["cache_hits"] + requested) if c["cache_hits"] + requested else 0.0,
+            "latency_p50_s": _percentile(lat, 0.5), "latency_p95_s": _percentile(lat, 0.95),
+            "verdict_errors": {k[len("verdict_error_"):]: v for k, v in c.items() if k.startswith("verdict_error_")},
+        }
+        parse_failures = 0
+        for j in iter_judges(self.judge):
+            pool = getattr(j, "pool", None)
+            if pool is not None:
+                for k, v in pool.metrics.as_dict().items():
+                    if isinstance(v, (int, float)) and not k.startswith("call_latency"):
+                        m[k] = m.get(k, 0) + v
+                    elif k.startswith("call_latency") and v is not None:
+                        m[k] = max(m.get(k) or 0.0, v)
+                    elif isinstance(v, dict):
+                        m.setdefault(k, Counter()).update(v)
+            stats = getattr(j, "stats", None)
+            if isinstance(stats, Counter):
+                parse_failures += stats["parse_failures"]
+                m["judge_reasks"] = m.get("judge_reasks", 0) + stats["reasks"]
+        if "call_errors" in m:
+            m["call_errors"] = dict(m["call_errors"])
+        m["parse_failures"] = parse_failures
+        m["parse_failure_rate"] = parse_failures / requested if requested else 0.0
+        m["tokens"] = m.get("prompt_tokens", 0) + m.get("completion_tokens", 0)
+        return m
