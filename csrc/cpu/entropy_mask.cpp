@@ -1,0 +1,64 @@
+// entropy_mask on CPU (docs/ops-math.md, "entropy_mask"; "Beyond the 80/20 rule", Wang et al. 2025):
+// exactly k of the valid tokens with the highest entropy, ties broken by lower index.
+//
+// O(N): std::nth_element on (ordered key, index) pairs finds the k-th token of the strict total order
+// "higher value first, then lower index"; one pass then keeps every valid token ahead of it. The keys
+// are the order-preserving integer images of the values (radix_key.h), the same order the CUDA radix
+// select uses, so NaNs cannot break the comparator.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "rubric_fast/checks.h"
+#include "rubric_fast/radix_key.h"
+
+namespace rubric_fast {
+namespace {
+
+constexpr const char* kOp = "entropy_mask_native";
+
+at::Tensor entropy_mask_cpu(const at::Tensor& entropy, const at::Tensor& valid, int64_t k) {
+  RF_CHECK_DEVICE_TYPE(kOp, entropy, at::kCPU);
+  RF_CHECK_FLOAT(kOp, entropy);
+  TORCH_CHECK(entropy.dim() == 1, kOp, ": argument 'entropy' must be 1-D [N], got ", entropy.sizes());
+  const int64_t N = entropy.size(0);
+  RF_CHECK_1D(kOp, valid, N);
+  RF_CHECK_DTYPE(kOp, valid, at::kBool);
+  RF_CHECK_SAME_DEVICE(kOp, valid, entropy);
+
+  // Values are compared in double: exact for fp32/fp16/bf16 inputs and for the fp64 oracle mode.
+  at::Tensor e = entropy.to(at::kDouble).contiguous();
+  at::Tensor v = valid.contiguous();
+  const double* ep = e.data_ptr<double>();
+  const bool* vp = v.data_ptr<bool>();
+
+  std::vector<std::pair<uint64_t, int64_t>> keys;  // (ordered key, index) of the valid tokens
+  keys.reserve(N);
+  for (int64_t i = 0; i < N; ++i)
+    if (vp[i]) keys.emplace_back(ordered_key_f64(ep[i]), i);
+  const int64_t n_valid = int64_t(keys.size());
+  TORCH_CHECK(k >= 0 && k <= n_valid, kOp, ": argument 'k' must be in [0, n_valid = ", n_valid, "], got ", k);
+
+  at::Tensor out = at::zeros({N}, entropy.options().dtype(at::kBool));
+  if (k == 0) return out;
+  auto before = [](const std::pair<uint64_t, int64_t>& a, const std::pair<uint64_t, int64_t>& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  };
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), before);
+  const auto kth = keys[k - 1];
+  bool* op = out.data_ptr<bool>();
+  for (int64_t i = 0; i < N; ++i) {
+    if (!vp[i]) continue;
+    const uint64_t key = ordered_key_f64(ep[i]);
+    op[i] = key > kth.first || (key == kth.first && i <= kth.second);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace rubric_fast
+
+TORCH_LIBRARY_IMPL(rubric_fast, CPU, m) { m.impl("entropy_mask_native", &rubric_fast::entropy_mask_cpu); }

@@ -1,0 +1,40 @@
+// Host-side argument checks shared by every native op (CPU and CUDA).
+//
+// Written in the manner of FlashAttention's flash_api.cpp: each check names the op and the argument and
+// says what would be accepted, because these errors are caused by callers, not by bugs in the kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+namespace rubric_fast {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace rubric_fast
+
+// RF_CHECK_1D(op, x, n): x is a 1-D tensor of n elements.
+#define RF_CHECK_1D(op, x, n)                                                                           \
+  TORCH_CHECK((x).dim() == 1 && (x).size(0) == (n), op, ": argument '" #x "' must have shape [", (n),    \
+              "], got ", (x).sizes())
+
+#define RF_CHECK_FLOAT(op, x)                                                                           \
+  TORCH_CHECK(::rubric_fast::is_float_dtype((x).scalar_type()), op, ": argument '" #x                    \
+              "' must be float32, float64, float16 or bfloat16, got ", (x).scalar_type())
+
+#define RF_CHECK_DTYPE(op, x, dt)                                                                       \
+  TORCH_CHECK((x).scalar_type() == (dt), op, ": argument '" #x "' must be ", (dt), ", got ",             \
+              (x).scalar_type())
+
+#define RF_CHECK_SAME_DEVICE(op, x, ref)                                                                \
+  TORCH_CHECK((x).device() == (ref).device(), op, ": argument '" #x "' must be on ", (ref).device(),     \
+              " like '" #ref "', got ", (x).device())
+
+#define RF_CHECK_DEVICE_TYPE(op, x, dev)                                                                \
+  TORCH_CHECK((x).device().type() == (dev), op, ": argument '" #x "' must be a ", (dev),                 \
+              " tensor, got ", (x).device())
