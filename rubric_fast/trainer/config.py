@@ -1,0 +1,431 @@
+"""The trainer's configuration: one dataclass tree, loaded from YAML plus ``key=value`` overrides.
+
+    cfg = load_config("examples/default.yaml", ["rollout.num_generations=4", "optimization.lr=1e-5"])
+
+Override values are parsed as YAML scalars (``1e-5``, ``true``, ``null``, ``[a, b]``). Every error a user
+can cause names the key (and the file when there is one) and what would be accepted; an unknown key also
+lists the close matches. ``config_to_dict(cfg)`` is what the run logs at its start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
+from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+DEFAULT_DATASET = EXAMPLES_DIR / "default_rubrics.jsonl"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key (and file)."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in tiny model (``model.name_or_path: tiny``): built from a config, no download."""
+
+    arch: str = "llama"                 # llama | qwen2
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"          # an HF hub id / local directory, or ``tiny``
+    tokenizer: str | None = None        # defaults to name_or_path; ``tiny`` uses a char-level tokenizer
+    dtype: str = "float32"              # float32 | bfloat16 | float16
+    attn_implementation: str = "auto"   # auto (flash_attention_2 when flash-attn is installed, else sdpa) | sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    path: str = str(DEFAULT_DATASET)    # a rubric dataset (rubric_fast jsonl, HealthBench, RaR, verl parquet, ...)
+    format: str = "auto"                # see rubric_fast.rubric.FORMATS
+    prompts_per_step: int = 8
+    shuffle: bool = True
+
+
+@dataclass
+class ScaffoldConfig:
+    """Rubric scaffolding (RuscaRL, Zhou et al. 2025): rubric criteria shown in the system prompt during
+    rollout only; sample i of a group of n sees a share (n-1-i)/(n-1) of them, times a sigmoid schedule
+    ``1 / (1 + exp(steepness * (progress - midpoint)))`` that decays over training."""
+
+    enabled: bool = False
+    midpoint: float = 0.5               # training progress (0..1) at which the schedule is 0.5
+    steepness: float = 10.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    num_generations: int = 8            # G, completions per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = off
+    batch_size: int = 64                # sequences per generate() call
+    overlap: bool = True                # generate step k+1 while step k is being scored
+    max_staleness: int = 1              # drop samples more than this many policy versions old
+    scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    # PolicyLossConfig fields (rubric_fast.reference.types)
+    loss: str = "ppo_clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    kl: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "token_mean"
+    top_entropy_fraction: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    # advantages
+    estimator: str = "grpo"
+    scale: str | None = None            # None = the estimator's default
+    adv_eps: float = 1e-6
+    positive_weight: float = 0.1        # W-REINFORCE lambda
+    # loop
+    num_iterations: int = 1             # optimisation passes over each rollout batch (mu in GRPO)
+    mask_truncated_completions: bool = False
+    drop_zero_variance_groups: bool = True
+    reference: str = "auto"             # auto | copy | lora_base (used only when beta > 0)
+    is_cap: float | None = 2.0          # truncated importance weight cap vs the sampler; null = off
+    advantage_sign: float = 1.0         # -1 flips advantages: a control that must not learn (tests)
+
+
+@dataclass
+class OptimizationConfig:
+    lr: float = 1e-6
+    schedule: str = "constant"          # constant | linear | cosine
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    tokens_per_micro_batch: int = 8192  # padded tokens per forward/backward
+    mini_batches: int = 1               # optimizer steps per rollout batch and iteration
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"               # ddp | fsdp2 (rank / world size come from the torchrun environment)
+    backend: str = "auto"               # auto | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None              # default: <run_dir>/checkpoints
+    every: int = 0                      # save every N steps (0 = only at the end)
+    keep_last: int = 2
+    resume: str = "auto"                # auto | never | a checkpoint directory
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    every: int = 1
+    samples_every: int = 10
+    num_samples: int = 4
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "rule"})      # to the judge factory
+    scoring: dict[str, Any] = field(default_factory=dict)                        # to the scoring factory
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    max_steps: int = 100
+    max_nan_steps: int = 5              # consecutive non-finite losses before the run stops
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+
+
+CHOICES: dict[str, tuple] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.tiny.arch": ("llama", "qwen2"),
+    "data.format": ("auto", "healthbench", "rar", "verl", "openrubrics", "rubric_fast"),
+    "rollout.engine": ("hf",),
+    "algorithm.loss": LOSSES,
+    "algorithm.kl": KL_ESTIMATORS,
+    "algorithm.aggregation": AGGREGATIONS,
+    "algorithm.estimator": ESTIMATORS,
+    "algorithm.scale": SCALES + (None,),
+    "algorithm.reference": ("auto", "copy", "lora_base"),
+    "optimization.schedule": ("constant", "linear", "cosine"),
+    "distributed.strategy": ("ddp", "fsdp2"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+# key -> (predicate, description of the accepted values)
+RANGES: dict[str, tuple[Any, str]] = {
+    "rollout.num_generations": (lambda v: v >= 2, "an integer >= 2 (a group needs a baseline)"),
+    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.temperature": (lambda v: v > 0, "a number > 0"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rollout.top_k": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.max_staleness": (lambda v: v >= 0, "an integer >= 0"),
+    "data.prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.num_iterations": (lambda v: v >= 1, "an integer >= 1"),
+    "algorithm.is_cap": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "algorithm.advantage_sign": (lambda v: v in (1.0, -1.0), "1 or -1"),
+    "algorithm.adv_eps": (lambda v: v > 0, "a number > 0"),
+    "optimization.lr": (lambda v: v > 0, "a number > 0"),
+    "optimization.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optimization.grad_clip": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "optimization.tokens_per_micro_batch": (lambda v: v >= 1, "an integer >= 1"),
+    "optimization.mini_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "optimization.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
+    "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
+    "logging.every": (lambda v: v >= 1, "an integer >= 1"),
+    "logging.samples_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
+    "max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "max_nan_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "model.lora.r": (lambda v: v >= 1, "an integer >= 1"),
+    "model.tiny.num_layers": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _where(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{_where(source)}{key}: expected {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{_where(source)}{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(source)}{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{_where(source)}{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{_where(source)}{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{_where(source)}{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{_where(source)}{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{_where(source)}{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, name: str, known: list[str], source: str | None) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"{_where(source)}unknown key {key!r}{hint} (accepted here: {', '.join(sorted(known))})")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(source)}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise _unknown(key, str(name), list(fields), source)
+        _, tp = fields[name]
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".", source)
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None) -> None:
+    """Set one dotted key (``algorithm.loss``); keys below a dict section (``judge.model``) are free."""
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(obj, dict):
+            obj = obj.setdefault(part, {})
+            continue
+        fields = _fields(type(obj))
+        if part not in fields:
+            raise _unknown(".".join(parts[:i + 1]), part, list(fields), source)
+        obj = getattr(obj, part)
+    last = parts[-1]
+    if isinstance(obj, dict):
+        obj[last] = value
+        return
+    fields = _fields(type(obj))
+    if last not in fields:
+        raise _unknown(dotted, last, list(fields), source)
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        _apply(getattr(obj, last), value, dotted + ".", source)
+    else:
+        setattr(obj, last, _coerce(value, fields[last][1], dotted, source))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optimization.lr=1e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse {raw!r} as a YAML value ({exc})") from None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by ``key=value`` overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        _apply(cfg, data, "", str(p))
+        if cfg.data.path and not Path(cfg.data.path).is_absolute() and "data" in data and "path" in (data["data"] or {}):
+            # dataset paths in a config file are relative to the current directory, else to the file
+            if not Path(cfg.data.path).exists() and (p.parent / cfg.data.path).exists():
+                cfg.data.path = str(p.parent / cfg.data.path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_key(cfg, key, value, source="override")
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the key and the accepted values."""
+    for key, allowed in CHOICES.items():
+        v = _get(cfg, key)
+        if v not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}: got {v!r}; accepted: {shown}")
+    for key, (ok, desc) in RANGES.items():
+        v = _get(cfg, key)
+        if not ok(v):
+            raise ConfigError(f"{key}: got {v!r}; expected {desc}")
+    a = cfg.algorithm
+    if a.estimator == "dr_grpo" and a.scale not in (None, "none"):
+        raise ConfigError("algorithm.scale: Dr. GRPO removes the std normalisation; use null or none")
+    try:
+        policy_loss_config(cfg)
+    except ValueError as exc:  # PolicyLossConfig's own checks name the field
+        raise ConfigError(f"algorithm.{str(exc).removeprefix('PolicyLossConfig.')}") from None
+    if a.reference == "lora_base" and not cfg.model.lora.enabled:
+        raise ConfigError("algorithm.reference: lora_base needs model.lora.enabled=true")
+    if cfg.rollout.scaffold.enabled and not 0 <= cfg.rollout.scaffold.midpoint <= 1:
+        raise ConfigError("rollout.scaffold.midpoint: expected a number in [0, 1]")
+    if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:
+        raise ConfigError("model.tiny.hidden_size: must be a multiple of model.tiny.num_heads")
+
+
+def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):
+    """The ops' PolicyLossConfig from the algorithm section (normalizer set per step by the loop)."""
+    from rubric_fast.reference.types import PolicyLossConfig
+
+    a = cfg.algorithm
+    if normalizer is None and a.aggregation == "constant":
+        normalizer = 1.0  # placeholder for validation; the loop sets max_new_tokens * global sequences
+    return PolicyLossConfig(loss=a.loss, eps_low=a.eps_low, eps_high=a.eps_high, delta=a.delta,
+                            dual_clip=a.dual_clip, beta=a.beta, kl=a.kl, entropy_coef=a.entropy_coef,
+                            aggregation=a.aggregation, normalizer=normalizer,
+                            top_entropy_fraction=a.top_entropy_fraction, sapo_tau_pos=a.sapo_tau_pos,
+                            sapo_tau_neg=a.sapo_tau_neg)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,615 @@
+"""The train loop, top to bottom.
+
+    for each step:
+        1. rollout   prompts -> G completions each (hf generate); each finished batch of completions is
+                     submitted to the scorer at once. With ``rollout.overlap`` the batch of step k+1 is
+                     generated while step k's judgements are still running (a queue of depth 2).
+        2. rewards   wait for the step's groups; samples older than ``max_staleness`` policy versions are
+                     dropped and counted.
+        3. advantages ops.group_advantages per group (missing rewards excluded); groups with no signal
+                     (every advantage 0) are dropped.
+        4. update    micro-batches packed by a padded-token budget -> the policy's last hidden states
+                     (never the full logits) -> ops.fused_linear_policy_loss -> backward; one optimizer step
+                     per mini-batch, ``num_iterations`` passes.
+        5. log, checkpoint.
+
+Log-prob conventions: the loss's log-probs use the rollout temperature (TRL convention). ``old_logp`` is
+the policy at the start of the update: with ``num_iterations == 1`` it equals ``logp.detach()`` and is
+computed from the same hidden states (one extra no-grad pass through the head only); otherwise a no-grad
+pre-pass computes it before the first iteration. The sampler's log-probs enter only through the truncated
+importance weight ``min(pi_old / pi_sampler, is_cap)`` (stale samples, top-p, rubric scaffolds).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rubric_fast.integrations.hf import hidden_states_and_head
+from rubric_fast.rubric import Rubric, load_rubrics
+
+from . import ops_shim as ops
+from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_to_dict, policy_loss_config
+from .dist import DistInfo, global_sum, init_distributed
+from .models import ReferencePolicy, load_policy, load_tokenizer
+from .rewards import ScoredCompletion, make_scorer
+from .rollout import Completion, make_engine
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite losses in a row)."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+class PromptStream:
+    """Endless, epoch-shuffled walk over the rubrics; identical order on every rank, each rank its slice."""
+
+    def __init__(self, rubrics: list[Rubric], *, seed: int, shuffle: bool):
+        self.rubrics, self.seed, self.shuffle = rubrics, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(len(self.rubrics)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, pos: dict[str, int]) -> None:
+        self.epoch, self.index = pos["epoch"], pos["index"]
+        self._order = self._make_order()
+
+    def take(self, n_global: int, rank: int, n_local: int) -> list[Rubric]:
+        out = []
+        for _ in range(n_global):
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self.rubrics[self._order[self.index]])
+            self.index += 1
+        return out[rank * n_local:(rank + 1) * n_local]
+
+
+# ------------------------------------------------------------------------------------------------ samples
+@dataclass
+class Sample:
+    group_id: int
+    rubric: Rubric
+    prompt_ids: list[int]          # the original prompt: the loss is always computed on it
+    completion: Completion         # generated tokens, sampler log-probs (under the possibly scaffolded prompt)
+    policy_version: int
+    reward: float | None = None
+    verdicts: list[Any] = field(default_factory=list)
+    advantage: float = 0.0
+
+
+@dataclass
+class RolloutBatch:
+    step: int
+    policy_version: int
+    data_position: dict[str, int]  # where the stream stood before this batch (resume regenerates it)
+    samples: list[Sample]
+    group_ids: list[int]
+    rollout_time: float
+    rollout_tokens: int
+
+
+def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def scaffold_messages(rubric: Rubric, share: float) -> list[dict[str, str]]:
+    """RuscaRL: the first round(share * n) criteria of the rubric as a system message before the prompt."""
+    k = int(round(share * len(rubric.criteria)))
+    if k <= 0:
+        return rubric.prompt
+    lines = "; ".join(c.text for c in rubric.criteria[:k])
+    return [{"role": "system", "content": f"Rubric: {lines}"}] + list(rubric.prompt)
+
+
+def scaffold_share(i: int, n: int, step: int, max_steps: int, midpoint: float, steepness: float) -> float:
+    """Share of criteria shown to member i of a group of n: (n-1-i)/(n-1), times a decaying sigmoid."""
+    progress = step / max(1, max_steps)
+    schedule = 1.0 / (1.0 + math.exp(steepness * (progress - midpoint)))
+    return (n - 1 - i) / max(1, n - 1) * schedule
+
+
+# ------------------------------------------------------------------------------------------------ micro-batches
+def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
+    """Greedy packing, longest first, so that (sequences x longest length) <= token_budget per micro-batch."""
+    order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion.token_ids), reverse=True)
+    batches: list[list[Sample]] = []
+    cur: list[Sample] = []
+    cur_max = 0
+    for s in order:
+        n = len(s.prompt_ids) + len(s.completion.token_ids)
+        if cur and (len(cur) + 1) * max(cur_max, n) > token_budget:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(s)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor        # [B, T] right-padded prompt + completion
+    attention_mask: torch.Tensor   # [B, T]
+    position_ids: torch.Tensor     # [B, T]
+    rows: torch.Tensor             # [N] batch row of each completion token
+    cols: torch.Tensor             # [N] position whose hidden state predicts the token
+    targets: torch.Tensor          # [N]
+    advantages: torch.Tensor       # [N]
+    loss_weight: torch.Tensor      # [N]
+    seq_index: torch.Tensor        # [N]
+    sampler_logp: torch.Tensor     # [N]
+    n_tokens: int                  # real (unpadded) tokens in the forward
+
+
+def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool, seq_offset: int) -> MicroBatch:
+    width = max(len(s.prompt_ids) + len(s.completion.token_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    rows, cols, tgts, adv, w, seq, slp = [], [], [], [], [], [], []
+    for b, s in enumerate(samples):
+        p, c = s.prompt_ids, s.completion.token_ids
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[b, :len(p) + len(c)] = 1
+        weight = 0.0 if (mask_truncated and not s.completion.finished) else 1.0
+        for j, tok in enumerate(c):
+            rows.append(b)
+            cols.append(len(p) - 1 + j)
+            tgts.append(tok)
+            adv.append(s.advantage)
+            w.append(weight)
+            seq.append(seq_offset + b)
+            slp.append(s.completion.sampler_logp[j])
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return MicroBatch(ids.to(device), mask.to(device), pos.to(device), t(rows, torch.long), t(cols, torch.long),
+                      t(tgts, torch.long), t(adv, torch.float32), t(w, torch.float32), t(seq, torch.long),
+                      t(slp, torch.float32), int(mask.sum()))
+
+
+def token_hidden(model: nn.Module, mb: MicroBatch):
+    """Hidden states at the completion positions [N, H] plus the head's weight and bias: no logits."""
+    hidden, weight, bias = hidden_states_and_head(model, mb.input_ids, mb.attention_mask, position_ids=mb.position_ids)
+    return hidden[mb.rows, mb.cols], weight, bias
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
+    o = cfg.optimization
+
+    def factor(i: int) -> float:
+        if o.warmup_steps and i < o.warmup_steps:
+            return (i + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (i - o.warmup_steps) / max(1, total_updates - o.warmup_steps))
+        return 1.0 - frac if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_logger(cfg: TrainConfig, info: DistInfo):
+    try:
+        from .logger import MetricsLogger
+    except ImportError:  # pragma: no cover - the logger is another engineer's module
+        return _JsonlLogger(cfg.logging.run_dir, info.is_main)
+    return MetricsLogger(cfg.logging.run_dir, is_main=info.is_main, tensorboard=cfg.logging.tensorboard,
+                         progress_total=cfg.max_steps if cfg.logging.progress else None)
+
+
+class _JsonlLogger:  # pragma: no cover - fallback only
+    def __init__(self, run_dir, is_main):
+        import json
+
+        self._json, self.is_main = json, is_main
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.f = open(Path(run_dir) / "metrics.jsonl", "a") if is_main else None
+
+    def log(self, step, metrics):
+        if self.f:
+            self.f.write(self._json.dumps({"step": step, **metrics}) + "\n")
+            self.f.flush()
+
+    def log_samples(self, step, rows):
+        pass
+
+    def log_config(self, cfg):
+        pass
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@dataclass
+class TrainResult:
+    steps: int
+    rewards: list[float]           # mean reward per trained step (NaN when no reward was valid)
+    run_dir: str
+    stale_dropped: int = 0
+    nan_steps: int = 0
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    info = init_distributed(cfg.distributed.backend)
+    if info.world_size > 1 and cfg.distributed.strategy == "fsdp2":
+        raise NotImplementedError("distributed.strategy=fsdp2 is not wired into the loop yet; use ddp")
+    device = pick_device(cfg.device, info)
+    seed_everything(cfg.seed + info.rank)
+    run_dir = Path(cfg.logging.run_dir)
+    log = make_logger(cfg, info)
+    log.log_config(config_to_dict(cfg))
+    print(f"[rubric_fast] ops: {ops.OPS_SOURCE}; device: {device}; world size {info.world_size}", file=sys.stderr)
+
+    # ---- model, reference, optimizer
+    tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)
+    policy = load_policy(cfg.model, tokenizer, device)
+    model: nn.Module = policy
+    if info.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    a = cfg.algorithm
+    reference = ReferencePolicy(policy, a.reference, cfg.model.lora.enabled) if a.beta > 0 else None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    o = cfg.optimization
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                  weight_decay=o.weight_decay)
+    updates_per_step = a.num_iterations * o.mini_batches
+    scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * updates_per_step)
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"[rubric_fast] policy: {type(policy).__name__}, {n_params / 1e6:.3f}M parameters "
+          f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable)", file=sys.stderr)
+
+    # ---- data, rollout engine, scorer
+    rubrics = load_rubrics(cfg.data.path, cfg.data.format)
+    stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout)
+    scorer = make_scorer(cfg.judge, cfg.scoring)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ---- resume
+    step, policy_version, consecutive_nan = 0, 0, 0
+    counters = {"stale_dropped": 0, "nan_steps": 0}
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        ts = state["train_state"]
+        step, policy_version, consecutive_nan = ts["step"], ts["policy_version"], ts["consecutive_nan"]
+        counters.update(ts.get("counters", {}))
+        stream.seek(ts["data_position"])
+        print(f"[rubric_fast] resumed from {resume_from} at step {step}", file=sys.stderr)
+
+    G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step
+    group_counter = [0]
+
+    def rollout(for_step: int) -> RolloutBatch:
+        """Generate one step's completions; submit each batch of completions to the scorer at once."""
+        t0 = time.perf_counter()
+        position = stream.position()
+        batch_rubrics = stream.take(P * info.world_size, info.rank, P)
+        gen_prompts, samples, group_ids = [], [], []
+        for rubric in batch_rubrics:
+            gid = group_counter[0] * info.world_size + info.rank  # unique across ranks
+            group_counter[0] += 1
+            group_ids.append(gid)
+            prompt_ids = encode_prompt(tokenizer, rubric.prompt)
+            for i in range(G):
+                if cfg.rollout.scaffold.enabled:
+                    share = scaffold_share(i, G, for_step, cfg.max_steps, cfg.rollout.scaffold.midpoint,
+                                           cfg.rollout.scaffold.steepness)
+                    gen_prompts.append(encode_prompt(tokenizer, scaffold_messages(rubric, share)))
+                else:
+                    gen_prompts.append(prompt_ids)
+                samples.append(Sample(gid, rubric, prompt_ids, None, policy_version))  # type: ignore[arg-type]
+        k = 0
+        n_tok = 0
+        for completions in engine.generate(gen_prompts):
+            for c in completions:
+                s = samples[k]
+                s.completion = c
+                n_tok += len(c.token_ids)
+                scorer.submit(s.group_id, f"{s.group_id}:{k % G}", s.rubric, c.text)
+                k += 1
+        return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0, n_tok)
+
+    pending: deque[RolloutBatch] = deque()
+    depth = 2 if cfg.rollout.overlap else 1
+    next_rollout_step = step
+    rewards_history: list[float] = []
+    t_run = time.perf_counter()
+
+    try:
+        while step < cfg.max_steps:
+            # ---- 1. rollout (step k+1 is generated while step k is scored)
+            while len(pending) < depth and next_rollout_step < cfg.max_steps:
+                pending.append(rollout(next_rollout_step))
+                next_rollout_step += 1
+            batch = pending.popleft()
+
+            # ---- 2. rewards: block until this step's groups are scored
+            t_wait = time.perf_counter()
+            by_group: dict[int, list[ScoredCompletion]] = {g: scorer.collect(g) for g in batch.group_ids}
+            score_wait = time.perf_counter() - t_wait
+            for g, scored in by_group.items():
+                members = [s for s in batch.samples if s.group_id == g]
+                for s, r in zip(members, scored):
+                    s.reward, s.verdicts = r.reward, r.verdicts
+            staleness = policy_version - batch.policy_version
+            samples = batch.samples
+            stale = 0
+            if staleness > cfg.rollout.max_staleness:
+                stale, samples = len(samples), []
+                counters["stale_dropped"] += stale
+
+            # ---- 3. advantages (missing rewards excluded), groups without signal dropped
+            metrics: dict[str, float] = {}
+            rewards = [s.reward for s in batch.samples]
+            valid_rewards = [r for r in rewards if r is not None]
+            mean_reward = sum(valid_rewards) / len(valid_rewards) if valid_rewards else float("nan")
+            train_samples: list[Sample] = []
+            if samples:
+                r_t = torch.tensor([float("nan") if s.reward is None else s.reward for s in samples], dtype=torch.float32)
+                g_t = torch.tensor([s.group_id for s in samples], dtype=torch.long)
+                metric = torch.tensor([float(len(s.completion.token_ids)) for s in samples])
+                adv, valid = ops.group_advantages(r_t, g_t, estimator=a.estimator, scale=a.scale, eps=a.adv_eps,
+                                                  positive_weight=a.positive_weight,
+                                                  metric=metric if a.estimator == "canon" else None)
+                adv = adv.float() * a.advantage_sign
+                live_groups = set()
+                for s, av, ok in zip(samples, adv.tolist(), valid.tolist()):
+                    s.advantage = av
+                    if ok and (av != 0.0 or not a.drop_zero_variance_groups):
+                        live_groups.add(s.group_id)
+                train_samples = [s for s, ok in zip(samples, valid.tolist())
+                                 if ok and s.group_id in live_groups and len(s.completion.token_ids) > 0]
+                metrics["groups_dropped"] = float(len(batch.group_ids) - len(live_groups))
+
+            # ---- 4. update
+            t_up = time.perf_counter()
+            upd = update(cfg, model, policy, reference, optimizer, scheduler, train_samples, pad_id, device)
+            update_time = time.perf_counter() - t_up
+            if upd["nonfinite"]:
+                consecutive_nan += 1
+                counters["nan_steps"] += 1
+                print(f"[rubric_fast] step {step}: non-finite loss or gradient, step skipped "
+                      f"({consecutive_nan} in a row, limit {cfg.max_nan_steps})", file=sys.stderr)
+                if consecutive_nan >= cfg.max_nan_steps:
+                    raise TrainingStopped(
+                        f"{consecutive_nan} consecutive steps with a non-finite loss or gradient "
+                        f"(max_nan_steps={cfg.max_nan_steps}); lower optimization.lr, check the data, or use "
+                        "float32 (model.dtype)")
+            else:
+                consecutive_nan = 0
+            if upd["updates"] > 0:
+                policy_version += 1
+            step += 1
+            rewards_history.append(mean_reward)
+
+            # ---- 5. log, checkpoint
+            if step % cfg.logging.every == 0 or step == cfg.max_steps:
+                metrics.update(step_metrics(batch, mean_reward, upd, update_time, score_wait, stale, counters,
+                                            policy_version, staleness, scheduler))
+                metrics.update(scorer.metrics())
+                metrics["time/elapsed"] = time.perf_counter() - t_run
+                log.log(step, metrics)
+            if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
+                log.log_samples(step, [sample_row(tokenizer, s) for s in batch.samples[:cfg.logging.num_samples]])
+            if info.is_main and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                                 or (step == cfg.max_steps and cfg.checkpoint.save_final)):
+                position = pending[0].data_position if pending else stream.position()
+                save_checkpoint(ckpt_dir, step, {
+                    "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "train_state": {"step": step, "policy_version": policy_version, "data_position": position,
+                                    "consecutive_nan": consecutive_nan, "counters": dict(counters)},
+                    "config": config_to_dict(cfg)}, keep_last=cfg.checkpoint.keep_last)
+    finally:
+        scorer.close()
+        log.close()
+    return TrainResult(step, rewards_history, str(run_dir), counters["stale_dropped"], counters["nan_steps"])
+
+
+def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: ReferencePolicy | None, optimizer,
+           scheduler, samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
+    """``num_iterations`` passes over the samples, ``mini_batches`` optimizer steps each; returns stats."""
+    a, o = cfg.algorithm, cfg.optimization
+    out: dict[str, Any] = {"nonfinite": False, "updates": 0, "tokens": 0, "loss_tokens": 0.0, "loss": 0.0,
+                           "stats": {}, "entropy": 0.0, "grad_norm": float("nan"), "is_weight": 0.0}
+    # sequences never split across micro-batches; each mini-batch is one optimizer step
+    order = list(range(len(samples)))
+    random.Random(cfg.seed + len(samples)).shuffle(order)
+    n_mini = o.mini_batches
+    minis = [[samples[i] for i in order[j::n_mini]] for j in range(n_mini)]
+    mini_mbs = [[collate(mb, pad_id, device, mask_truncated=a.mask_truncated_completions, seq_offset=k * 100_000)
+                 for k, mb in enumerate(pack_micro_batches(mini, o.tokens_per_micro_batch))] if mini else []
+                for mini in minis]
+
+    # old log-probs and the entropy selection come from a no-grad pre-pass when the loss needs them before
+    # the first forward (several iterations: pi_old must stay fixed; top-entropy: one global selection)
+    old_cache: dict[int, torch.Tensor] = {}
+    ent_mask_cache: dict[int, torch.Tensor] = {}
+    if a.num_iterations > 1 or a.top_entropy_fraction is not None:
+        with torch.no_grad():
+            ents, valids, keys = [], [], []
+            for mbs in mini_mbs:
+                for mb in mbs:
+                    h, w, b = token_hidden(model, mb)
+                    lp, ent, _ = ops.linear_logprob_entropy(h, w, mb.targets, bias=b,
+                                                            temperature=cfg.rollout.temperature)
+                    old_cache[id(mb)] = lp.detach()
+                    ents.append(ent)
+                    valids.append(mb.loss_weight != 0)
+                    keys.append(id(mb))
+            if a.top_entropy_fraction is not None and ents:
+                from .dist import is_distributed
+
+                pg = torch.distributed.group.WORLD if is_distributed() else None
+                sel = ops.entropy_mask(torch.cat(ents), torch.cat(valids), a.top_entropy_fraction, process_group=pg)
+                for k, piece in zip(keys, torch.split(sel, [e.numel() for e in ents])):
+                    ent_mask_cache[k] = piece
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stat_sums: dict[str, float] = {}
+    entropy_sum = 0.0
+    is_sum = 0.0
+    for _ in range(a.num_iterations):
+        for mbs in mini_mbs:
+            if not mbs:
+                continue
+            # global normalizers: every rank and micro-batch divides by the same count (exact accumulation)
+            n_tok = global_sum(sum(float(mb.loss_weight.sum()) for mb in mbs), device)
+            n_seq = global_sum(sum(int(torch.unique(mb.seq_index[mb.loss_weight != 0]).numel()) for mb in mbs), device)
+            if a.aggregation == "token_mean":
+                norm = n_tok
+            elif a.aggregation == "constant":
+                norm = cfg.rollout.max_new_tokens * n_seq
+            else:
+                norm = n_seq
+            if norm <= 0:
+                continue
+            loss_cfg = policy_loss_config(cfg, normalizer=norm)
+            optimizer.zero_grad(set_to_none=True)
+            bad = False
+            for mb in mbs:
+                h, w, b = token_hidden(model, mb)
+                if id(mb) in old_cache:
+                    old = old_cache[id(mb)]
+                else:  # num_iterations == 1: pi_old = the current policy, from the same hidden states
+                    with torch.no_grad():
+                        old, _, _ = ops.linear_logprob_entropy(h.detach(), w.detach(), mb.targets,
+                                                               bias=None if b is None else b.detach(),
+                                                               temperature=cfg.rollout.temperature,
+                                                               return_entropy=False)
+                is_weight = (ops.truncated_importance_weight(old, mb.sampler_logp, a.is_cap)
+                             if a.is_cap is not None else None)
+                ref = None
+                if reference is not None:
+                    with torch.no_grad(), reference.context():
+                        rh, rw, rb = token_hidden(reference.module(), mb)
+                        ref, _, _ = ops.linear_logprob_entropy(rh, rw, mb.targets, bias=rb,
+                                                               temperature=cfg.rollout.temperature,
+                                                               return_entropy=False)
+                loss, stats, logp, ent = ops.fused_linear_policy_loss(
+                    h, w, mb.targets, old, mb.advantages, mb.loss_weight, ref_logp=ref, is_weight=is_weight,
+                    seq_index=mb.seq_index, entropy_mask=ent_mask_cache.get(id(mb)), config=loss_cfg, bias=b,
+                    temperature=cfg.rollout.temperature)
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                (loss * world).backward()  # DDP averages gradients over ranks; the normalizer is already global
+                tw = float(mb.loss_weight.sum())
+                out["loss"] += float(loss.detach())
+                out["tokens"] += mb.n_tokens
+                out["loss_tokens"] += tw
+                for name, v in stats._asdict().items():
+                    stat_sums[name] = stat_sums.get(name, 0.0) + float(v) * tw
+                if ent is not None:
+                    entropy_sum += float((ent.detach() * (mb.loss_weight != 0)).sum())
+                if is_weight is not None:
+                    is_sum += float((is_weight * (mb.loss_weight != 0)).sum())
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                out["nonfinite"] = True
+                return out
+            params = [p for p in policy.parameters() if p.requires_grad]
+            gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip is not None else float("inf"))
+            if not torch.isfinite(gn):
+                optimizer.zero_grad(set_to_none=True)
+                out["nonfinite"] = True
+                return out
+            out["grad_norm"] = float(gn)
+            optimizer.step()
+            scheduler.step()
+            out["updates"] += 1
+    lt = max(out["loss_tokens"], 1.0)
+    out["stats"] = {k: v / lt for k, v in stat_sums.items()}
+    out["entropy"] = entropy_sum / lt
+    out["is_weight"] = is_sum / lt if a.is_cap is not None else float("nan")
+    out["loss"] /= max(1, out["updates"])
+    return out
+
+
+def step_metrics(batch: RolloutBatch, mean_reward: float, upd: dict[str, Any], update_time: float,
+                 score_wait: float, stale: int, counters: dict[str, int], policy_version: int, staleness: int,
+                 scheduler) -> dict[str, float]:
+    m: dict[str, float] = {"reward": mean_reward}
+    rs = [s.reward for s in batch.samples if s.reward is not None]
+    if len(rs) > 1:
+        mu = sum(rs) / len(rs)
+        m["reward_std"] = (sum((r - mu) ** 2 for r in rs) / (len(rs) - 1)) ** 0.5
+    m["reward_missing"] = float(sum(s.reward is None for s in batch.samples))
+    passed: dict[str, list[float]] = {}
+    for s in batch.samples:
+        for v in s.verdicts:
+            if v.score is not None:
+                passed.setdefault(v.criterion_id, []).append(1.0 if v.score >= 0.5 else 0.0)
+    for cid, xs in sorted(passed.items()):
+        m[f"pass_rate/{cid}"] = sum(xs) / len(xs)
+    lens = [len(s.completion.token_ids) for s in batch.samples]
+    m["completion_len"] = sum(lens) / max(1, len(lens))
+    m["truncated_frac"] = sum(not s.completion.finished for s in batch.samples) / max(1, len(batch.samples))
+    st = upd["stats"]
+    m.update({"loss": upd["loss"], "kl": st.get("kl_mean", 0.0), "entropy": upd["entropy"],
+              "clip_frac_low": st.get("clip_frac_low", 0.0), "clip_frac_high": st.get("clip_frac_high", 0.0),
+              "ratio_mean": st.get("ratio_mean", 1.0), "is_weight_mean": upd["is_weight"],
+              "grad_norm": upd["grad_norm"], "lr": scheduler.get_last_lr()[0],
+              "tokens_per_s": upd["tokens"] / update_time if update_time > 0 else 0.0,
+              "rollout_tokens_per_s": batch.rollout_tokens / batch.rollout_time if batch.rollout_time > 0 else 0.0,
+              "time/rollout": batch.rollout_time, "time/update": update_time, "time/score_wait": score_wait,
+              "policy_version": float(policy_version), "staleness": float(staleness),
+              "stale_dropped": float(stale), "stale_dropped_total": float(counters["stale_dropped"]),
+              "nan_steps": float(counters["nan_steps"])})
+    return m
+
+
+def sample_row(tokenizer, s: Sample) -> dict[str, Any]:
+    return {"prompt": s.rubric.prompt, "response": s.completion.text, "reward": s.reward,
+            "advantage": s.advantage, "verdicts": [{"criterion_id": v.criterion_id, "score": v.score,
+                                                    "reason": v.reason, "error": v.error} for v in s.verdicts]}
