@@ -115,11 +115,12 @@ def junk_reason(response: str, criteria=(), config: GuardConfig | None = None) -
 
 
 def guard_verdicts(criteria, reason: str, *, holistic: bool = False) -> list[Verdict]:
-    """The worst outcome for every criterion (see the module docstring)."""
+    """The worst outcome for every criterion, plus a holistic rating of 0 (see the module docstring)."""
+    del holistic  # kept for callers; the holistic verdict is always included
     why = f"guard: {reason}"
-    if holistic:
-        return [Verdict(HOLISTIC_ID, 0.0, why, guarded=True)]
-    return [Verdict(c.id, 1.0 if c.polarity == "penalize_if_met" else 0.0, why, guarded=True) for c in criteria]
+    # the holistic rating is given whatever the judge, so an implicit_likert rubric also gets its worst value
+    return [Verdict(c.id, 1.0 if c.polarity == "penalize_if_met" else 0.0, why, guarded=True) for c in criteria] + \
+        [Verdict(HOLISTIC_ID, 0.0, why, guarded=True)]
 
 
 class GuardedJudge:
