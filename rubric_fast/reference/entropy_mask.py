@@ -16,8 +16,11 @@ import torch
 def selection_count(top_fraction: float, n_valid: int) -> int:
     if not 0.0 <= top_fraction <= 1.0 or math.isnan(top_fraction):
         raise ValueError(f"top_fraction: must be in [0, 1], got {top_fraction}")
-    # guard against 0.2 * 10 = 2.0000000000000004 -> 3
-    return min(n_valid, math.ceil(round(top_fraction * n_valid, 9)))
+    x = top_fraction * n_valid
+    r = round(x)
+    # 0.2 * 10 = 2.0000000000000004 must give 2, not 3; a tiny positive fraction still gives 1
+    k = r if (r > 0 and abs(x - r) <= 1e-9 * max(1.0, x)) else math.ceil(x)
+    return min(n_valid, k)
 
 
 def _check(entropy, valid):
