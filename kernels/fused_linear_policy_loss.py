@@ -20,6 +20,7 @@ selection the backward does a fifth of the work).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -57,9 +58,10 @@ def top_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, top_fraction: f
 
 
 def _row_block(n_active: int, vocab: int) -> int:
+    """Rows per one-pass block: the fp32 logits of a block fill at most the workspace budget."""
     r = max(16, workspace_bytes() // (vocab * 4))
     r = (r // 16) * 16 if r >= 128 else max(16, r)
-    return min(r, n_active)
+    return min(r, max(1, n_active))
 
 
 def _one_pass(hidden, weight, targets, bias, temperature, ignore_index, active_idx, coef, pl_args,
@@ -149,11 +151,21 @@ def fused_linear_policy_loss_fwd_bwd(hidden, weight, targets, old_logp, advantag
                 and (top_entropy_fraction <= 0 or entropy_mask is not None)
                 and (needs_dhidden or needs_dweight or needs_dbias))
     pl_common = (loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef)
-
+    schedule = os.environ.get("RUBRIC_FAST_FUSED_SCHEDULE", "auto")
+    if schedule not in ("auto", "one_pass", "two_pass"):
+        raise ValueError(f"RUBRIC_FAST_FUSED_SCHEDULE: got {schedule!r}; accepted: auto, one_pass, two_pass")
+    if schedule == "two_pass":
+        one_pass = False
     if one_pass:
-        coef = token_coefficients(w, seq_index, aggregation, normalizer)
         active = valid if entropy_mask is None else valid & entropy_mask.bool()
         active_idx = torch.nonzero(active).squeeze(1)
+        # auto: one pass when the active rows fit one workspace block (dW is then one GEMM, exact fp32
+        # accumulation, no fp32 dW buffer); several blocks would read-modify-write an fp32 dW per block,
+        # which costs more than recomputing the logits at LLM vocabulary sizes, so auto recomputes
+        n_act = active_idx.numel()
+        one_pass = schedule == "one_pass" or n_act <= _row_block(max(n_act, 1), weight.shape[0])
+    if one_pass:
+        coef = token_coefficients(w, seq_index, aggregation, normalizer)
         inactive_idx = torch.nonzero(~active).squeeze(1)
         logp = new_empty((n,), torch.float32, dev)
         ent = new_empty((n,), torch.float32, dev)

@@ -4,7 +4,8 @@ Providers (fwd + bwd of linear -> log-prob / entropy -> GRPO loss, unless the ca
   floor        the three bare GEMMs of forward + backward (X W^T, dz W, dz^T X), in the input dtype
   torch        materialized PyTorch: fp32 logits, log_softmax, gather, entropy, autograd
   torch_chunk  the row/vocabulary-chunked PyTorch reference (rubric_fast.reference), recompute backward
-  ours         the fused Triton launcher (rubric_fast.kernels.fused_linear_policy_loss)
+  ours         the fused Triton launcher (rubric_fast.kernels.fused_linear_policy_loss), automatic schedule
+  ours_1pass   the same, one-pass schedule forced (logits computed once, fp32 dW accumulated per row block)
   ours_2pass   the Triton forward + policy loss + recompute backward (the op path for GSPO / seq aggregations)
   liger        Liger-Kernel LigerFusedLinearGRPOLoss (when importable)
   cce          Cut Cross-Entropy linear_cross_entropy, log-prob only (when importable)
@@ -47,7 +48,7 @@ CPU_CASES = [
     Case("tiny-top20", 256, 64, 1000, top_entropy_fraction=0.2),
     Case("tiny-nograd", 256, 64, 1000, grad=False),
 ]
-PROVIDERS = ["floor", "ours", "ours_2pass", "torch_chunk", "torch", "cce", "liger"]
+PROVIDERS = ["floor", "ours", "ours_1pass", "ours_2pass", "torch_chunk", "torch", "cce", "liger"]
 CPU_PROVIDERS = ["floor", "torch", "torch_chunk"]
 
 
@@ -125,6 +126,24 @@ def provider_fn(name: str, case: Case, inp: dict):
                 logp, ent, _ = linear_logprob_entropy(xr, wr, t)
                 if case.grad:
                     _torch_selected_loss(case, logp, ent, inp).backward()
+        return run
+    if name == "ours_1pass":
+        if not case.grad:
+            raise Unavailable("forward-only: same as ours")
+        import os
+
+        inner = provider_fn("ours", case, inp)
+
+        def run():
+            old = os.environ.get("RUBRIC_FAST_FUSED_SCHEDULE")
+            os.environ["RUBRIC_FAST_FUSED_SCHEDULE"] = "one_pass"
+            try:
+                inner()
+            finally:
+                if old is None:
+                    os.environ.pop("RUBRIC_FAST_FUSED_SCHEDULE")
+                else:
+                    os.environ["RUBRIC_FAST_FUSED_SCHEDULE"] = old
         return run
     if name in ("ours", "ours_2pass"):
         if x.device.type != "cuda":

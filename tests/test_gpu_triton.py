@@ -150,6 +150,7 @@ def test_fused_bf16(loss, agg, top, workspace_mb, monkeypatch):
     from rubric_fast.reference import PolicyLossConfig
 
     monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", workspace_mb)  # 16 MiB: several one-pass row blocks
+    monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "one_pass" if workspace_mb == "16" else "auto")
     n, h, v = 1500, 1024, 32007
     x, w, b, t = _inputs(n, h, v, with_bias=False)
     with torch.no_grad():

@@ -266,13 +266,17 @@ else:
     def test_fused_all_codes(gen, monkeypatch, loss, agg):
         # a workspace of 16 rows: the one-pass schedule runs several row blocks (fp32 dW accumulation)
         monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", str(16 * 37 * 4 / 2 ** 20))
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "one_pass")
         cfg = PolicyLossConfig(loss=loss, aggregation=agg, beta=0.05, kl="k3", entropy_coef=0.01,
                                normalizer=50.0 if agg == "constant" else None,
                                dual_clip=3.0 if loss == "ppo_clip" else None)
         _check_fused(gen, cfg, 33, 16, 37)
 
-    @pytest.mark.parametrize("top,with_mask", [(0.3, False), (None, True), (0.2, True)])
-    def test_fused_entropy_selection(gen, top, with_mask):
+    @pytest.mark.parametrize("top,with_mask,schedule", [(0.3, False, "auto"), (None, True, "auto"),
+                                                         (0.2, True, "auto"), (None, False, "two_pass"),
+                                                         (None, True, "one_pass")])
+    def test_fused_entropy_selection(gen, monkeypatch, top, with_mask, schedule):
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
         cfg = PolicyLossConfig(loss="ppo_clip", aggregation="token_mean", top_entropy_fraction=top, entropy_coef=0.01)
         _check_fused(gen, cfg, 33, 24, 130, with_mask=with_mask, with_bias=False, temperature=1.0)
 
@@ -281,5 +285,6 @@ else:
         _check_fused(gen, cfg, 1, 16, 37)
         # fp16: dlogits are written in place over the fp32 logits workspace (narrower rows, same row stride)
         monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", str(16 * 130 * 4 / 2 ** 20))
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "one_pass")
         cfg = PolicyLossConfig(loss="sapo", aggregation="token_mean")
         _check_fused(gen, cfg, 33, 16, 130, dtype=torch.float16, tol=3e-3)
