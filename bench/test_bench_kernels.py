@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytest_benchmark")
 
-from rubric_fast import bench_command as bc  # noqa: E402
+from rubric_fast import bench_command as bc
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")

@@ -98,12 +98,12 @@ def _combine_kernel(part_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, n_splits, 
     mask = rows < N
     stride_q = n_splits * N
     big_m = tl.full((BLOCK,), NEG_INIT, tl.float32)
-    for k in range(0, n_splits):
+    for k in range(n_splits):
         big_m = tl.maximum(big_m, tl.load(part_ptr + k * N + rows, mask=mask, other=NEG_INIT))
     s = tl.zeros((BLOCK,), tl.float32)
     u = tl.zeros((BLOCK,), tl.float32)
     zy = tl.zeros((BLOCK,), tl.float32)
-    for k in range(0, n_splits):
+    for k in range(n_splits):
         mk = tl.load(part_ptr + k * N + rows, mask=mask, other=NEG_INIT)
         sk = tl.load(part_ptr + stride_q + k * N + rows, mask=mask, other=0.0)
         uk = tl.load(part_ptr + 2 * stride_q + k * N + rows, mask=mask, other=0.0)

@@ -65,7 +65,11 @@ def _inputs(n, h, v, dtype=BF16, with_bias=True, scale=1.0):
 @pytest.mark.parametrize("n,h,v,temperature,with_bias", [(1, 256, 1000, 1.0, False), (517, 1024, 32007, 0.8, True),
                                                          (2048, 2048, 50257, 1.0, False)])
 def test_lle_bf16_fwd_bwd(n, h, v, temperature, with_bias):
-    from rubric_fast.kernels.linear_logprob_entropy import linear_logprob_entropy_bwd, linear_logprob_entropy_fwd
+    from rubric_fast.kernels.linear_logprob_entropy import (
+        linear_logprob_entropy_bwd,
+        linear_logprob_entropy_fwd,
+    )
+
     from rubric_fast.reference import linear_logprob_entropy as ref_lle
 
     x, w, b, t = _inputs(n, h, v, with_bias=with_bias)
@@ -92,7 +96,10 @@ def test_lle_bf16_fwd_bwd(n, h, v, temperature, with_bias):
 
 
 def test_lle_large_logits_bf16():
-    from rubric_fast.kernels.linear_logprob_entropy import linear_logprob_entropy_bwd, linear_logprob_entropy_fwd
+    from rubric_fast.kernels.linear_logprob_entropy import (
+        linear_logprob_entropy_bwd,
+        linear_logprob_entropy_fwd,
+    )
 
     x, w, b, t = _inputs(64, 256, 5003, scale=1500.0)
     lp, en, ls = linear_logprob_entropy_fwd(x, w, t, b, 1.0, -100)
@@ -105,7 +112,11 @@ def test_lle_large_logits_bf16():
 
 
 def test_lle_more_than_65535_rows():
-    from rubric_fast.kernels.linear_logprob_entropy import linear_logprob_entropy_bwd, linear_logprob_entropy_fwd
+    from rubric_fast.kernels.linear_logprob_entropy import (
+        linear_logprob_entropy_bwd,
+        linear_logprob_entropy_fwd,
+    )
+
     from rubric_fast.reference import linear_logprob_entropy as ref_lle
 
     n, h, v = 70_001, 64, 515
@@ -145,8 +156,9 @@ def test_mm_accumulate_f32_paths():
                                                         ("gspo", "seq_mean_token_mean", 0.2, "512"),
                                                         ("sapo", "token_mean", 0.2, "512")])
 def test_fused_bf16(loss, agg, top, workspace_mb, monkeypatch):
-    from rubric_fast import reference as ref
     from rubric_fast.kernels.fused_linear_policy_loss import fused_linear_policy_loss_fwd_bwd
+
+    from rubric_fast import reference as ref
     from rubric_fast.reference import PolicyLossConfig
 
     monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", workspace_mb)  # 16 MiB: several one-pass row blocks
@@ -187,8 +199,9 @@ def test_fused_bf16(loss, agg, top, workspace_mb, monkeypatch):
 
 
 def test_policy_loss_gpu_fp32():
-    from rubric_fast import reference as ref
     from rubric_fast.kernels.policy_loss import policy_loss_fwd_bwd
+
+    from rubric_fast import reference as ref
     from rubric_fast.reference import PolicyLossConfig
 
     n = 100_003

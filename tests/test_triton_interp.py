@@ -35,11 +35,11 @@ if not INNER:
 
 else:
     import torch
-
-    from rubric_fast import reference as ref
     from rubric_fast.kernels import fused_linear_policy_loss as fused_mod
     from rubric_fast.kernels import linear_logprob_entropy as lle
     from rubric_fast.kernels import policy_loss as pl
+
+    from rubric_fast import reference as ref
     from rubric_fast.reference import PolicyLossConfig
 
     SEED = int.from_bytes(os.urandom(4), "little")
