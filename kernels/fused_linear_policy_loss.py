@@ -47,7 +47,10 @@ from .policy_loss import (
 def top_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, top_fraction: float) -> torch.Tensor:
     """Exactly k = ceil(f * n_valid) valid tokens of highest entropy, ties by lower index (single process)."""
     n_valid = int(valid.sum())
-    k = min(n_valid, math.ceil(round(top_fraction * n_valid, 9)))
+    x = top_fraction * n_valid
+    r = round(x)
+    # 0.2 * 10 = 2.0000000000000004 must give 2, not 3; a tiny positive fraction still gives 1
+    k = min(n_valid, r if (r > 0 and abs(x - r) <= 1e-9 * max(1.0, x)) else math.ceil(x))
     mask = torch.zeros_like(valid)
     if k <= 0:
         return mask
