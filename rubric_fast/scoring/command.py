@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         if m.reward is not None:
             rewards.append(m.reward)
         for v in m.verdicts:
+            if v.guarded and v.criterion_id == "__holistic__" and rubric.aggregation.method != "implicit_likert":
+                continue
             if v.score is None:
                 failed[v.criterion_id] += 1
             else:
@@ -148,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
                                  ensure_ascii=False) + "\n")
     if out:
         out.close()
-    texts = {c.id: c.text for r in rubrics for c in r.criteria}
+    texts: dict[str, str] = {}
+    for r in rubrics:
+        for c in r.criteria:
+            texts[c.id] = c.text if texts.get(c.id, c.text) == c.text else "(text varies by prompt)"
     print(f"{'criterion':<14} {'met':>7} {'judged':>7} {'failed':>7}  text")
     for cid in sorted(set(judged) | set(failed)):
         n = judged[cid]

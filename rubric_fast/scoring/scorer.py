@@ -175,6 +175,10 @@ class StreamingScorer:
                             self.cache.put(key, [by_id[crit[0].id]], judge=self._identity)
         res = aggregate(rubric, verdicts, self.aggregation)
         reward, error = res.reward, res.error
+        if error is not None:
+            first = next((f"{v.criterion_id}: {v.error}" for v in verdicts if v.error), None)
+            if first:
+                error = f"{error}; first judge error: {first}"
         guarded = reason is not None
         if guarded and reward is not None:
             reward = min(reward, 0.0)  # junk never scores above 0, whatever the aggregation

@@ -77,6 +77,11 @@ class ScoringService:
             if end is not None and time.monotonic() >= end:
                 return out
             if timeout is None and self.pending() == 0:
+                try:  # a group released between the queue check and pending(): hand it out
+                    while max_groups is None or len(out) < max_groups:
+                        out.append(self._ready.get_nowait())
+                except queue.Empty:
+                    pass
                 return out
             wait = 0.05 if end is None else max(0.0, min(0.05, end - time.monotonic()))
             try:
