@@ -61,7 +61,8 @@ def _expected(est, scale):
         if not ok:
             out.append(0.0)
         elif scale == "group":
-            out.append(c / (STD_G[g] + EPS))
+            # a spread of 0 leaves c unscaled (docs/ops-math.md): only W-REINFORCE has c != 0 there
+            out.append(c / (STD_G[g] + EPS) if STD_G[g] > 0 else c)
         elif scale == "batch":
             out.append(c / (STD_B + EPS))
         else:
@@ -203,9 +204,9 @@ def _oracle(rewards, groups, est, scale, eps, lam, metric):
             other = [rewards[j] for j in members[g] if (metric[j] > med) != hi]
             c = r - (statistics.fmean(other) if other else mean)
         if scale == "group":
-            c = c / (std(rs) + eps)
+            c = c / (std(rs) + eps) if std(rs) > 0 else c
         elif scale == "batch":
-            c = c / (std(allv) + eps)
+            c = c / (std(allv) + eps) if std(allv) > 0 else c
         out.append(c)
     return out
 

@@ -39,7 +39,7 @@ def topk_mask(entropy: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tenso
     if k <= 0:
         return mask
     pos = torch.nonzero(valid).squeeze(1)
-    vals = entropy[pos].double()
+    vals = entropy[pos].float().double() + 0.0  # selection is on fp32 values; -0.0 == +0.0
     order = torch.sort(-vals, stable=True).indices  # stable: equal values keep position order
     mask[pos[order[:k]]] = True
     return mask
@@ -52,7 +52,7 @@ def entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, top_fraction: float
 
 def float_keys(x: torch.Tensor) -> torch.Tensor:
     """Order-preserving map of fp32 values to non-negative int64 keys in [0, 2^32)."""
-    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = (x.float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # -0.0 -> +0.0
     neg = bits >= 0x80000000
     return torch.where(neg, 0xFFFFFFFF - bits, bits | 0x80000000)
 

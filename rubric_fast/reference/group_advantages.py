@@ -56,15 +56,22 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, estima
         raise TypeError(f"group_index: expected an integer tensor, got {group_index.dtype}")
     if estimator == "canon" and (metric is None or metric.shape != rewards.shape):
         raise ValueError("metric: estimator='canon' needs a per-response metric of the same shape as rewards")
-    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out_dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    # statistics in float64 whatever the input: B is small, and an fp32 mean of equal rewards can differ
+    # from them by one ulp, which the std division would blow up
+    dt = torch.float64
     r = rewards.to(dt)
     valid = ~torch.isnan(r)
     if r.numel() == 0:
-        return torch.zeros(0, dtype=dt, device=r.device), valid
+        return torch.zeros(0, dtype=out_dt, device=r.device), valid
     _, inv = torch.unique(group_index, return_inverse=True)
     n_groups = int(inv.max()) + 1
     n, mean, std = _group_mean_std(r, valid, inv, n_groups)
     zero = torch.zeros_like(r)
+    big = torch.full((n_groups,), float("inf"), dtype=dt, device=r.device)
+    g_max = (-big).scatter_reduce(0, inv, torch.where(valid, r, -big[inv]), "amax")
+    g_min = big.scatter_reduce(0, inv, torch.where(valid, r, big[inv]), "amin")
+    all_equal = (g_max == g_min)[inv]
     if estimator in ("grpo", "dr_grpo"):
         c = r - mean[inv]
     elif estimator == "rloo":
@@ -87,12 +94,17 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, estima
             s_o = _segment_sum(torch.where(other, r, zero), inv, n_groups)
             mean_o = torch.where(n_o > 0, s_o / n_o.clamp_min(1), mean)
             c = torch.where(part, r - mean_o[inv], c)
+    if estimator != "w_reinforce":  # centred estimators: a group of equal rewards carries no signal
+        c = torch.where(all_equal, zero, c)
+    one = torch.ones((), dtype=dt, device=r.device)
     if scale == "group":
-        a = c / (std[inv] + eps)
+        std_t = std[inv]
     elif scale == "batch":
         rv = r[valid]
-        std_b = rv.std() if rv.numel() > 1 else torch.zeros((), dtype=dt, device=r.device)
-        a = c / (std_b + eps)
+        std_t = rv.std() if rv.numel() > 1 else torch.zeros((), dtype=dt, device=r.device)
     else:
-        a = c
-    return torch.where(valid, a, zero), valid
+        std_t = None
+    # A spread of 0 leaves c unscaled: centred estimators have c = 0 there anyway, W-REINFORCE keeps its
+    # +lambda / -1 (dividing by eps would blow it up, and eps = 0 would give NaN).
+    a = c if std_t is None else c / torch.where(std_t > 0, std_t + eps, one)
+    return torch.where(valid, a, zero).to(out_dt), valid

@@ -79,7 +79,8 @@ def policy_loss(logp, old_logp, advantages, loss_weight, *, ref_logp=None, is_we
         seq_lr = _seg_sum(lr, inv, n_seq) / cnt.clamp_min(1)
         ratio = torch.exp(seq_lr[inv]) * torch.exp(lp - lp.detach())
     else:
-        ratio = torch.exp(lp - olp)
+        # masked tokens get ratio 1: a padded token's garbage log-ratio must not overflow into inf / NaN
+        ratio = torch.exp(torch.where(mask, lp - olp, torch.zeros_like(lp)))
 
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
     if cfg.loss in ("ppo_clip", "gspo"):
@@ -105,7 +106,8 @@ def policy_loss(logp, old_logp, advantages, loss_weight, *, ref_logp=None, is_we
     if entropy_mask is not None:
         per_tok = per_tok * entropy_mask.detach().to(dt)
 
-    wl = w * per_tok
+    # tokens of weight 0 do not count even where their loss is inf or NaN (padding with garbage log-probs)
+    wl = torch.where(mask, w * per_tok, torch.zeros_like(per_tok))
     zero = torch.zeros((), dtype=dt, device=lp.device)
     if cfg.aggregation in ("token_mean", "constant"):
         denom = torch.as_tensor(cfg.normalizer, dtype=dt) if cfg.normalizer is not None else w.sum()
@@ -124,12 +126,15 @@ def policy_loss(logp, old_logp, advantages, loss_weight, *, ref_logp=None, is_we
         cnt = m.sum().clamp_min(1)
         r = ratio.detach().float()
         a = adv.float()
+        z = torch.zeros_like(r)
         stats = PolicyLossStats(
-            clip_frac_low=(((r < lo) & (a < 0)).float() * m).sum() / cnt,
-            clip_frac_high=(((r > hi) & (a > 0)).float() * m).sum() / cnt,
-            kl_mean=(kl.detach().float() * m).sum() / cnt if kl is not None else torch.zeros((), device=lp.device),
-            ratio_mean=(r * m).sum() / cnt,
+            clip_frac_low=((r < lo) & (a < 0) & mask).float().sum() / cnt,
+            clip_frac_high=((r > hi) & (a > 0) & mask).float().sum() / cnt,
+            kl_mean=(torch.where(mask, kl.detach().float(), z).sum() / cnt if kl is not None
+                     else torch.zeros((), device=lp.device)),
+            ratio_mean=torch.where(mask, r, z).sum() / cnt,
         )
+        del m
     return loss, stats
 
 
@@ -162,7 +167,7 @@ def policy_loss_with_grads(logp, old_logp, advantages, loss_weight, *, ref_logp=
             cnt = _seg_sum(mask.to(dt), inv, n_seq)
             rho = torch.exp((_seg_sum(lr, inv, n_seq) / cnt.clamp_min(1))[inv])
         else:
-            rho = torch.exp(lp - olp)
+            rho = torch.exp(torch.where(mask, lp - olp, zero))
         lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
         # d rho / d logp = rho for both the token ratio and the GSPO-token ratio
         if cfg.loss in ("ppo_clip", "gspo"):
@@ -205,6 +210,6 @@ def policy_loss_with_grads(logp, old_logp, advantages, loss_weight, *, ref_logp=
             denom = float(cfg.normalizer) if cfg.normalizer is not None else float(live.sum())
             per_tok = w / torch.where(live, s_w, 1.0)[inv] if cfg.aggregation == "seq_mean_token_mean" else w
             coef = per_tok / denom if denom != 0 else zero
-        g_lp = coef * d_tok
-        g_ent = coef * d_ent if entropy is not None else zero
+        g_lp = torch.where(mask, coef * d_tok, zero)
+        g_ent = torch.where(mask, coef * d_ent, zero) if entropy is not None else zero
         return loss, torch.stack(list(stats)).float(), g_lp, g_ent

@@ -82,7 +82,8 @@ class PolicyLossConfig:
         _check(0.0 <= self.eps_low < 1.0, "eps_low", f"must be in [0, 1), got {self.eps_low}")
         _check(self.eps_high >= 0.0, "eps_high", f"must be >= 0, got {self.eps_high}")
         _check(self.beta >= 0.0, "beta", f"must be >= 0, got {self.beta}")
-        _check(self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0, "sapo_tau_pos", "SAPO temperatures must be > 0")
+        _check(self.sapo_tau_pos > 0, "sapo_tau_pos", f"must be > 0, got {self.sapo_tau_pos}")
+        _check(self.sapo_tau_neg > 0, "sapo_tau_neg", f"must be > 0, got {self.sapo_tau_neg}")
         if self.delta is not None:
             _check(math.isfinite(self.delta) and self.delta > 1.0 + self.eps_high, "delta",
                    f"must be > 1 + eps_high = {1 + self.eps_high}, got {self.delta}")
