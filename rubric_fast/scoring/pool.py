@@ -26,6 +26,7 @@ from typing import Awaitable, Callable, TypeVar
 from rubric_fast.judges.base import CallTimeout, DeadlineExceeded, JudgeCallError
 
 T = TypeVar("T")
+_timeout_cm = getattr(asyncio, "timeout", None)
 
 
 class TokenBucket:
@@ -160,7 +161,11 @@ class CallPool:
                     timeout = max(0.0, deadline - t0)
                 err: JudgeCallError | None = None
                 try:
-                    result = await asyncio.wait_for(fn(ep.url), timeout)
+                    if _timeout_cm is not None:  # 3.11+: no extra task per call (wait_for costs a loop turn)
+                        async with _timeout_cm(timeout):
+                            result = await fn(ep.url)
+                    else:
+                        result = await asyncio.wait_for(fn(ep.url), timeout)
                 except asyncio.TimeoutError:
                     err = (DeadlineExceeded("rollout deadline passed during the call") if deadline_bound
                            else CallTimeout(f"no answer within timeout_s={self.timeout_s:g}"))
