@@ -44,10 +44,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_meta(
           at::empty_symint(logp.sym_sizes(), opts), at::empty_symint(logp.sym_sizes(), opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_fwd_meta(const at::Tensor& hidden, const at::Tensor&,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_fwd_meta(const at::Tensor& hidden, const at::Tensor& weight,
                                                             const at::Tensor& targets,
-                                                            const std::optional<at::Tensor>&, double, int64_t) {
-  auto opts = hidden.options().dtype(out_float_dtype(hidden));
+                                                            const std::optional<at::Tensor>& bias, double, int64_t) {
+  const bool all64 = hidden.scalar_type() == at::kDouble && weight.scalar_type() == at::kDouble &&
+                     (!bias.has_value() || bias->scalar_type() == at::kDouble);
+  auto opts = hidden.options().dtype(all64 ? at::kDouble : at::kFloat);
   auto n = targets.sym_sizes();
   return {at::empty_symint(n, opts), at::empty_symint(n, opts), at::empty_symint(n, opts)};
 }

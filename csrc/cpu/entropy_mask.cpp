@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -37,8 +38,11 @@ at::Tensor entropy_mask_cpu(const at::Tensor& entropy, const at::Tensor& valid, 
 
   std::vector<std::pair<uint64_t, int64_t>> keys;  // (ordered key, index) of the valid tokens
   keys.reserve(N);
-  for (int64_t i = 0; i < N; ++i)
-    if (vp[i]) keys.emplace_back(ordered_key_f64(ep[i]), i);
+  for (int64_t i = 0; i < N; ++i) {
+    if (!vp[i]) continue;
+    TORCH_CHECK(!std::isnan(ep[i]), kOp, ": argument 'entropy' has a NaN at valid position ", i);
+    keys.emplace_back(ordered_key_f64(ep[i]), i);
+  }
   const int64_t n_valid = int64_t(keys.size());
   TORCH_CHECK(k >= 0 && k <= n_valid, kOp, ": argument 'k' must be in [0, n_valid = ", n_valid, "], got ", k);
 

@@ -44,7 +44,7 @@ double unbiased_std(int64_t n, double sq_dev) { return n < 2 ? 0.0 : std::sqrt(s
 std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_index,
                                                         c10::string_view estimator_name, c10::string_view scale_name,
                                                         double eps, double positive_weight,
-                                                        const std::optional<at::Tensor>& metric) {
+                                                        const std::optional<at::Tensor>& metric_opt) {
   const Estimator est = parse_estimator(estimator_name);
   const Scale scale = parse_scale(scale_name);
   RF_CHECK_DEVICE_TYPE(kOp, rewards, at::kCPU);
@@ -59,12 +59,12 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
               std::string(scale_name), "'");
   at::Tensor metric_d;
   if (est == Estimator::kCanon) {
-    TORCH_CHECK(metric.has_value(), kOp, ": argument 'metric' is required for estimator 'canon'");
-    const at::Tensor& metric_t = *metric;
-    RF_CHECK_1D(kOp, metric_t, B);
-    RF_CHECK_FLOAT(kOp, metric_t);
-    RF_CHECK_SAME_DEVICE(kOp, metric_t, rewards);
-    metric_d = metric_t.to(at::kDouble).contiguous();
+    TORCH_CHECK(metric_opt.has_value(), kOp, ": argument 'metric' is required for estimator 'canon'");
+    const at::Tensor& metric = *metric_opt;  // named like the argument: the check messages print it
+    RF_CHECK_1D(kOp, metric, B);
+    RF_CHECK_FLOAT(kOp, metric);
+    RF_CHECK_SAME_DEVICE(kOp, metric, rewards);
+    metric_d = metric.to(at::kDouble).contiguous();
   }
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, kOp, ": argument 'eps' must be finite and >= 0, got ", eps);
 

@@ -33,12 +33,16 @@ Chunks chunk_sizes(const at::Tensor& like) {
   return like.is_cuda() ? Chunks{4096, 16384} : Chunks{512, 8192};
 }
 
-at::ScalarType compute_dtype(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// fp64 only when every floating input is fp64 (the oracle mode of the reference), else fp32.
+at::ScalarType compute_dtype(const at::Tensor& hidden, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const bool all64 = hidden.scalar_type() == at::kDouble && weight.scalar_type() == at::kDouble &&
+                     (!bias.has_value() || bias->scalar_type() == at::kDouble);
+  return all64 ? at::kDouble : at::kFloat;
 }
 
 void check_common(const char* op, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                  const std::optional<at::Tensor>& bias, double temperature) {
+                  const std::optional<at::Tensor>& bias_opt, double temperature) {
   TORCH_CHECK(hidden.device().type() == at::kCPU || hidden.device().type() == at::kCUDA, op,
               ": argument 'hidden' must be a CPU or CUDA tensor, got ", hidden.device());
   RF_CHECK_FLOAT(op, hidden);
@@ -50,13 +54,14 @@ void check_common(const char* op, const at::Tensor& hidden, const at::Tensor& we
   TORCH_CHECK(weight.size(0) > 0, op, ": argument 'weight' must have a non-empty vocabulary (V > 0)");
   RF_CHECK_SAME_DEVICE(op, weight, hidden);
   RF_CHECK_1D(op, targets, hidden.size(0));
-  RF_CHECK_DTYPE(op, targets, at::kLong);
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
+              ": argument 'targets' must be int64 or int32, got ", targets.scalar_type());
   RF_CHECK_SAME_DEVICE(op, targets, hidden);
-  if (bias) {
-    const at::Tensor& b = *bias;
-    RF_CHECK_1D(op, b, weight.size(0));
-    RF_CHECK_FLOAT(op, b);
-    RF_CHECK_SAME_DEVICE(op, b, hidden);
+  if (bias_opt) {
+    const at::Tensor& bias = *bias_opt;  // named like the argument: the check messages print it
+    RF_CHECK_1D(op, bias, weight.size(0));
+    RF_CHECK_FLOAT(op, bias);
+    RF_CHECK_SAME_DEVICE(op, bias, hidden);
   }
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": argument 'temperature' must be > 0, got ",
               temperature);
@@ -87,14 +92,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_fwd(const at::Tensor& hidden,
   check_common(kFwd, hidden, weight, targets, bias, temperature);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_targets(kFwd, targets, V, ignore_index);
-  const auto ct = compute_dtype(hidden);
+  const auto ct = compute_dtype(hidden, weight, bias);
   const auto opts = hidden.options().dtype(ct);
   at::Tensor logp = at::zeros({N}, opts), entropy = at::zeros({N}, opts), lse = at::zeros({N}, opts);
   if (N == 0) return {logp, entropy, lse};
   const double inv_t = 1.0 / temperature;
   const Chunks ch = chunk_sizes(hidden);
-  const at::Tensor ignored_all = targets.eq(ignore_index);
-  const at::Tensor safe_targets_all = targets.masked_fill(ignored_all, 0);
+  const at::Tensor ignored_all = targets.eq(ignore_index);  // before any int32 -> int64 cast
+  const at::Tensor safe_targets_all = targets.to(at::kLong).masked_fill(ignored_all, 0);
 
   for (int64_t r0 = 0; r0 < N; r0 += ch.rows) {
     const int64_t r1 = std::min(N, r0 + ch.rows);
@@ -145,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_bwd(
   }
   check_targets(kBwd, targets, V, ignore_index);
   needs_dbias = needs_dbias && bias.has_value();
-  const auto ct = compute_dtype(hidden);
+  const auto ct = compute_dtype(hidden, weight, bias);
   const auto opts = hidden.options().dtype(ct);
   const double inv_t = 1.0 / temperature;
 
@@ -156,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_bwd(
 
   if (N > 0 && (needs_dhidden || needs_dweight || needs_dbias)) {
     const Chunks ch = chunk_sizes(hidden);
-    const at::Tensor ignored_all = targets.eq(ignore_index);
-    const at::Tensor safe_targets_all = targets.masked_fill(ignored_all, 0);
+    const at::Tensor ignored_all = targets.eq(ignore_index);  // before any int32 -> int64 cast
+    const at::Tensor safe_targets_all = targets.to(at::kLong).masked_fill(ignored_all, 0);
     // Ignored rows receive no gradient: zero their upstream gradients.
     const at::Tensor g_lp_all = grad_logp.to(ct).masked_fill(ignored_all, 0);
     const at::Tensor g_h_all = grad_entropy.to(ct).masked_fill(ignored_all, 0);

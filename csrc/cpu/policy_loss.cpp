@@ -180,12 +180,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     inv_d = D != 0.0 ? 1.0 / D : 0.0;
     loss = sum_wl * inv_d;
   } else {
+    // A sequence counts when its weight sum is non-zero (with non-negative weights: when it has a
+    // token of w != 0).
     int64_t n_seq = 0;
-    for (int64_t s = 0; s < S; ++s) n_seq += seq_n[s] > 0;
+    for (int64_t s = 0; s < S; ++s) n_seq += seq_w[s] != 0.0;
     const double D = normalizer > 0 ? normalizer : double(n_seq);
     inv_d = D != 0.0 ? 1.0 / D : 0.0;
     for (int64_t s = 0; s < S; ++s) {
-      if (seq_n[s] == 0) continue;
       if (aggregation == kSeqMeanTokenMean)
         loss += seq_w[s] != 0.0 ? seq_wl[s] / seq_w[s] : 0.0;
       else
