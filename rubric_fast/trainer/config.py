@@ -278,6 +278,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"{_where(source)}{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(source)}{key}: expected a number, got {value!r}")
         if not math.isfinite(value):
@@ -407,6 +412,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"algorithm.{str(exc).removeprefix('PolicyLossConfig.')}") from None
     if a.reference == "lora_base" and not cfg.model.lora.enabled:
         raise ConfigError("algorithm.reference: lora_base needs model.lora.enabled=true")
+    if cfg.rollout.scaffold.enabled and a.is_cap is None:
+        raise ConfigError("algorithm.is_cap: rubric scaffolding (rollout.scaffold.enabled) needs the truncated "
+                          "importance weight against the scaffolded sampler; set a cap such as 2.0")
     if cfg.rollout.scaffold.enabled and not 0 <= cfg.rollout.scaffold.midpoint <= 1:
         raise ConfigError("rollout.scaffold.midpoint: expected a number in [0, 1]")
     if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:

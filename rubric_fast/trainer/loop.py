@@ -438,6 +438,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 metrics.update(step_metrics(batch, mean_reward, upd, update_time, score_wait, stale, counters,
                                             policy_version, staleness, scheduler))
                 metrics.update(scorer.metrics())
+                if reference is None:
+                    metrics.pop("kl", None)  # no reference policy: no KL to report
                 metrics["time/elapsed"] = time.perf_counter() - t_run
                 log.log(step, metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
@@ -549,7 +551,7 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                 out["tokens"] += mb.n_tokens
                 out["loss_tokens"] += tw
                 for name, v in stats._asdict().items():
-                    stat_sums[name] = stat_sums.get(name, 0.0) + float(v) * tw
+                    stat_sums[name] = stat_sums.get(name, 0.0) + float(v.detach()) * tw
                 if ent is not None:
                     entropy_sum += float((ent.detach() * (mb.loss_weight != 0)).sum())
                 if is_weight is not None:

@@ -1,0 +1,97 @@
+"""Config loading: YAML + key=value overrides, validation messages that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from rubric_fast.trainer.command import DEFAULT_CONFIG
+from rubric_fast.trainer.config import ConfigError, TrainConfig, config_to_dict, load_config, parse_override
+
+
+def test_default_config_loads_and_points_at_shipped_dataset():
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.model.name_or_path == "tiny"
+    assert cfg.rollout.num_generations == 8
+    assert cfg.data.path.endswith("default_rubrics.jsonl")
+    from pathlib import Path
+
+    assert Path(cfg.data.path).exists()
+    d = config_to_dict(cfg)
+    assert d["algorithm"]["loss"] == "ppo_clip" and d["optimization"]["lr"] == pytest.approx(3e-3)
+
+
+def test_overrides_are_yaml_scalars_and_dotted():
+    cfg = load_config(None, ["optimization.lr=1e-5", "rollout.overlap=false", "algorithm.scale=null",
+                             "model.lora.target_modules=[q_proj, v_proj]", "max_steps=7", "algorithm.delta=3",
+                             "judge.model=gpt-x", "judge.params.temperature=0.0"])
+    assert cfg.optimization.lr == 1e-5 and isinstance(cfg.optimization.lr, float)
+    assert cfg.rollout.overlap is False
+    assert cfg.algorithm.scale is None
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.max_steps == 7
+    assert cfg.algorithm.delta == 3.0 and isinstance(cfg.algorithm.delta, float)
+    assert cfg.judge == {"kind": "rule", "model": "gpt-x", "params": {"temperature": 0.0}}
+
+
+def test_unknown_key_names_key_and_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown key 'optimization.lrr'.*did you mean 'lr'"):
+        load_config(None, ["optimization.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'algorithim'.*'algorithm'"):
+        load_config(None, ["algorithim.loss=cispo"])
+
+
+def test_bad_choice_lists_accepted_values():
+    with pytest.raises(ConfigError, match=r"algorithm.loss: got 'ppo'; accepted: ppo_clip, cispo, sapo, gspo"):
+        load_config(None, ["algorithm.loss=ppo"])
+    with pytest.raises(ConfigError, match=r"algorithm.estimator: got 'gae'.*grpo"):
+        load_config(None, ["algorithm.estimator=gae"])
+
+
+def test_bad_type_and_range_name_the_key():
+    with pytest.raises(ConfigError, match=r"rollout.num_generations: expected an integer, got 'many'"):
+        load_config(None, ["rollout.num_generations=many"])
+    with pytest.raises(ConfigError, match=r"rollout.num_generations: got 1; expected an integer >= 2"):
+        load_config(None, ["rollout.num_generations=1"])
+    with pytest.raises(ConfigError, match=r"rollout.top_p"):
+        load_config(None, ["rollout.top_p=1.5"])
+    with pytest.raises(ConfigError, match=r"algorithm.eps_low"):
+        load_config(None, ["algorithm.eps_low=1.5"])
+    with pytest.raises(ConfigError, match=r"key=value"):
+        parse_override("optimization.lr")
+
+
+def test_yaml_file_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name_or_path: tiny\nrollout:\n  temperatur: 0.7\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'rollout.temperatur'.*'temperature'"):
+        load_config(p)
+    p.write_text("model:\n  name_or_path: [tiny\nrollout: {}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(p)
+    p.write_text("rollout:\n  max_new_tokens: lots\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: rollout.max_new_tokens: expected an integer"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="algorithm.scale"):
+        load_config(None, ["algorithm.estimator=dr_grpo", "algorithm.scale=group"])
+    with pytest.raises(ConfigError, match="algorithm.reference: lora_base needs model.lora.enabled"):
+        load_config(None, ["algorithm.reference=lora_base", "algorithm.beta=0.1"])
+    cfg = load_config(None, ["algorithm.aggregation=constant"])  # normalizer is set by the loop per step
+    assert cfg.algorithm.aggregation == "constant"
+
+
+def test_config_file_relative_dataset_path(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  path: d.jsonl\n")
+    assert load_config(p).data.path == str(tmp_path / "d.jsonl")
+
+
+def test_defaults_are_valid():
+    from rubric_fast.trainer.config import validate
+
+    validate(TrainConfig())
