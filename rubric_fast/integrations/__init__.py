@@ -23,7 +23,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["BackgroundScorer", "RubricCache", "response_text", "rubric_from_value"]
+__all__ = ["BackgroundScorer", "RubricCache", "build_scorer_from", "response_text", "rubric_from_value",
+           "rubric_to_record", "score_all"]
 
 _POINTS_AGGREGATION = {"method": "healthbench", "clip": True}
 
@@ -142,6 +143,29 @@ def rubric_from_value(value: Any, *, prompt: Any = None, reference_answer: str |
     except (RubricError, ValueError, KeyError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise RubricError(f"{where}: {msg}") from exc
+
+
+def rubric_to_record(rubric) -> dict:
+    """A :class:`~rubric_fast.rubric.Rubric` (from any loader) as a rubric_fast record dict, JSON-ready:
+    ``rubric_from_value(json.dumps(rubric_to_record(r)))`` gives the same rubric back."""
+    import dataclasses
+
+    crit = []
+    for c in rubric.criteria:
+        d = {"id": c.id, "text": c.text, "weight": c.weight, "polarity": c.polarity, "category": c.category,
+             "kind": c.kind, "veto": c.veto, "verifier": c.verifier}
+        if c.verifier_params:
+            d["verifier_params"] = dict(c.verifier_params)
+        if c.tiers:
+            d["tiers"] = [{"score": t.score, "description": t.description} for t in c.tiers]
+        if c.tags:
+            d["tags"] = list(c.tags)
+        crit.append(d)
+    agg = {k: v for k, v in dataclasses.asdict(rubric.aggregation).items() if v is not None}
+    rec = {"id": rubric.id, "prompt": rubric.prompt, "criteria": crit, "aggregation": agg}
+    if rubric.reference_answer is not None:
+        rec["reference_answer"] = rubric.reference_answer
+    return rec
 
 
 def _content_text(content: Any) -> str:
