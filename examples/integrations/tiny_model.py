@@ -10,7 +10,7 @@ import string
 
 def tiny_tokenizer():
     """Character-level tokenizer (lowercase letters, digits, punctuation, space) with pad/eos tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_lowercase + string.digits + " .,!?'-:\n")

@@ -46,7 +46,7 @@ def _points_item_to_criterion(it: dict, i: int) -> dict:
     penalize-if-met pitfall), as :func:`rubric_fast.rubric.load_verl_parquet` reads them."""
     pts = it["points"]
     if isinstance(pts, bool) or not isinstance(pts, (int, float)):
-        raise ValueError(f"criteria[{i}].points: must be a number, got {pts!r}")
+        raise TypeError(f"criteria[{i}].points: must be a number, got {pts!r}")
     out = {"id": str(it.get("id") or f"c{i}"), "text": it["criterion"], "weight": abs(pts),
            "polarity": "penalize_if_met" if pts < 0 else "reward_if_met",
            "category": "pitfall" if pts < 0 else "important"}

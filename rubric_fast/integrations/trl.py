@@ -65,7 +65,7 @@ import torch
 
 from . import BackgroundScorer, RubricCache, build_scorer_from, response_text, score_all
 
-__all__ = ["AsyncRubricReward", "RubricFastGRPOTrainer", "RubricReward", "TRLLossMapping",
+__all__ = ["AsyncRubricReward", "RubricFastGRPOTrainer", "RubricReward", "TRLLossMapping",  # noqa: F822
            "UnsupportedTRLConfig", "policy_loss_mapping"]
 
 
@@ -476,7 +476,7 @@ def _make_trainer_class():
                         if trainer.off_policy_mask_threshold is not None or quantile:
                             ew = extra_w.reshape(-1)
                             is_weight = ew if is_weight is None else is_weight * ew
-                    loss, stats, logp, ent = fused_linear_policy_loss(
+                    loss, _stats, logp, ent = fused_linear_policy_loss(
                         h, weight, targets, old_flat, adv_tok.reshape(-1).float(), weights,
                         ref_logp=None if ref is None else ref.reshape(-1).float(), is_weight=is_weight,
                         seq_index=seq_index, config=cfg, bias=bias, temperature=mp.temperature,
