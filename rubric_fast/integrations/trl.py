@@ -11,7 +11,7 @@ or JSON string, a list of criteria, HealthBench/verl ``{criterion, points}`` ite
 by the configured judge through :class:`~rubric_fast.scoring.StreamingScorer` (cache, guard, pool, deadlines)
 and aggregated by the rubric. A failed judgement is ``None``: TRL turns it into NaN and, when every reward
 function returned None for a completion, leaves that completion out of its group's baseline and gives it
-advantage 0 (TRL >= 0.24). Once the scorer's error-rate threshold is crossed the call raises
+advantage 0 (TRL 1.16; older releases summed NaN rewards to 0). Once the scorer's error-rate threshold is crossed the call raises
 :class:`~rubric_fast.scoring.ScoringError` instead of feeding the trainer a batch of None.
 
 The loss (``RubricFastGRPOTrainer``): the policy forward stops at the last hidden states
@@ -544,7 +544,7 @@ def __getattr__(name: str):
         try:
             cls = _make_trainer_class()
         except ImportError as exc:
-            raise ImportError(f"RubricFastGRPOTrainer needs TRL: pip install 'trl>=0.24' ({exc})") from exc
+            raise ImportError(f"RubricFastGRPOTrainer needs TRL: pip install trl (tested with 1.16) ({exc})") from exc
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
