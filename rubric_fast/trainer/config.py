@@ -182,6 +182,7 @@ class TrainConfig:
     max_steps: int = 100
     max_nan_steps: int = 5              # consecutive non-finite losses before the run stops
     device: str = "auto"                # auto | cpu | cuda | cuda:N
+    cpu_threads: int = 0                # torch intra-op threads on the CPU; 0 = torch's default
 
 
 CHOICES: dict[str, tuple] = {
@@ -227,6 +228,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "logging.samples_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
     "max_steps": (lambda v: v >= 1, "an integer >= 1"),
     "max_nan_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "cpu_threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch's default)"),
     "model.lora.r": (lambda v: v >= 1, "an integer >= 1"),
     "model.tiny.num_layers": (lambda v: v >= 1, "an integer >= 1"),
 }

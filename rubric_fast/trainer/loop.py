@@ -279,6 +279,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if info.world_size > 1 and cfg.distributed.strategy == "fsdp2":
         raise NotImplementedError("distributed.strategy=fsdp2 is not wired into the loop yet; use ddp")
     device = pick_device(cfg.device, info)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)  # tiny models: more threads only add synchronisation
     seed_everything(cfg.seed + info.rank)
     run_dir = Path(cfg.logging.run_dir)
     log = make_logger(cfg, info)
