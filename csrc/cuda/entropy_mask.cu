@@ -11,7 +11,12 @@
 //
 // Entropies of every dtype are selected by their fp32 values (like the distributed reference); fp64
 // inputs that differ only beyond fp32 precision count as ties here (the CPU op compares them in fp64).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "rubric_fast/checks.h"

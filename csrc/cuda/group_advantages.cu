@@ -7,9 +7,16 @@
 // batch statistics (second pass: the two-pass variance is stable), and for CANON the per-group median
 // of the metric from a segmented sort (two stable ATen sorts: by metric, then by group) followed by the
 // per-subgroup sums. A last elementwise kernel writes the advantages.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 #include "rubric_fast/checks.h"
@@ -206,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& rewar
     const at::Tensor by_group = std::get<1>(gid.index_select(0, by_metric).sort(/*stable=*/true, 0, false));
     const at::Tensor sorted_metric = m_valid.index_select(0, by_metric.index_select(0, by_group)).contiguous();
     const at::Tensor counts = std::get<2>(uniq);
-    const at::Tensor start = (counts.cumsum(0) - counts).contiguous();
+    const at::Tensor start = counts.cumsum(0).sub(counts).contiguous();
     median = at::zeros({n_groups}, dopts);
     split = at::zeros({4 * n_groups}, dopts);
     group_median_kernel<<<blocks_for(n_groups), kThreads, 0, stream>>>(

@@ -11,7 +11,12 @@
 // The per-token math runs in fp32 (fp64 for fp64 logp); every accumulator is fp64, so the result does
 // not depend on the block count beyond fp64 rounding. Inputs are cast to the compute dtype first
 // (a no-op for the usual fp32 log-probs).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "rubric_fast/checks.h"
