@@ -30,7 +30,7 @@ def test_overrides_are_yaml_scalars_and_dotted():
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.max_steps == 7
     assert cfg.algorithm.delta == 3.0 and isinstance(cfg.algorithm.delta, float)
-    assert cfg.judge == {"kind": "rule", "model": "gpt-x", "params": {"temperature": 0.0}}
+    assert cfg.judge == {"type": "rule", "model": "gpt-x", "params": {"temperature": 0.0}}
 
 
 def test_unknown_key_names_key_and_close_matches():

@@ -34,8 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainingStopped, train
 
     try:
+        from rubric_fast.scoring import ScoringError
+    except ImportError:  # pragma: no cover
+        ScoringError = TrainingStopped  # noqa: N806
+    try:
         result = train(cfg)
-    except TrainingStopped as exc:
+    except (TrainingStopped, ScoringError) as exc:
         print(f"rubric-fast train: stopped: {exc}", file=sys.stderr)
         return 1
     r = [x for x in result.rewards if x == x]

@@ -171,8 +171,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "rule"})      # to the judge factory
-    scoring: dict[str, Any] = field(default_factory=dict)                        # to the scoring factory
+    judge: dict[str, Any] = field(default_factory=lambda: {"type": "rule"})      # to rubric_fast.scoring.build_judge
+    scoring: dict[str, Any] = field(default_factory=dict)                        # ScorerConfig keys (rubric_fast.scoring)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -309,7 +309,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     rubrics = load_rubrics(cfg.data.path, cfg.data.format)
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
     engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout)
-    scorer = make_scorer(cfg.judge, cfg.scoring)
+    scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---- resume

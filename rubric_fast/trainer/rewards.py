@@ -4,9 +4,10 @@
 generating while earlier completions are graded. A group is complete when every member has a reward or
 has failed (reward None: never turned into 0; the advantage op excludes it).
 
-TODO(judges): when ``rubric_fast.scoring.ScoringService`` lands, ``make_scorer`` should build it from the
-``judge`` / ``scoring`` config sections and wrap it in this interface; until then the rule judge is
-driven here directly.
+``make_scorer`` builds ``rubric_fast.scoring.ScoringService`` from the ``judge`` / ``scoring`` config
+sections (passed through unchanged, see rubric_fast/scoring/__init__.py for their keys) and adapts it to
+this interface (:class:`ServiceScorer`); :class:`StreamingScorer` is a minimal local fallback used only
+when the scoring package cannot be imported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ScoredCompletion:
 
 
 def make_judge(judge_cfg: dict[str, Any]):
-    kind = (judge_cfg or {}).get("kind", "rule")
+    kind = (judge_cfg or {}).get("type", (judge_cfg or {}).get("kind", "rule"))
     if kind == "rule":
         from rubric_fast.judges.rule import RuleJudge
 
@@ -106,6 +107,65 @@ class StreamingScorer:
         self._thread.join(timeout=5)
 
 
-def make_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any]) -> StreamingScorer:
+class ServiceScorer:
+    """The trainer's submit / collect / metrics interface over ``rubric_fast.scoring.ScoringService``."""
+
+    def __init__(self, service, group_size: int):
+        self.service = service
+        self.group_size = group_size
+        self._ready: dict[Any, Any] = {}
+        self._order: dict[Any, list[str]] = {}
+
+    def submit(self, group_id: int, rollout_id: str, rubric: Rubric, response: str) -> None:
+        self._order.setdefault(group_id, []).append(rollout_id)
+        self.service.submit(group_id, rollout_id, rubric, response, group_size=self.group_size)
+
+    def collect(self, group_id: int) -> list[ScoredCompletion]:
+        while group_id not in self._ready:
+            for g in self.service.ready_groups(timeout=None):
+                self._ready[g.group_id] = g
+        group = self._ready.pop(group_id)
+        by_id = {m.rollout_id: m for m in group.members}
+        out = []
+        for rid in self._order.pop(group_id):
+            m = by_id.get(rid)
+            if m is None or group.dropped:  # too few valid members: the group carries no baseline
+                out.append(ScoredCompletion(group_id, rid, None, [] if m is None else m.verdicts,
+                                            "group dropped by the scorer (too few valid members)"))
+            else:
+                out.append(ScoredCompletion(group_id, rid, m.reward, m.verdicts, m.error, m.latency_s))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        m = self.service.metrics()
+        out = {}
+        for src, dst in (("latency_p50_s", "judge/latency_p50"), ("latency_p95_s", "judge/latency_p95"),
+                         ("error_rate", "judge/error_rate"), ("rollouts_failed", "judge/errors"),
+                         ("groups_dropped", "judge/groups_dropped"), ("cache_hit_rate", "judge/cache_hit_rate"),
+                         ("judge_requests", "judge/requests"), ("tokens", "judge/tokens")):
+            v = m.get(src)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[dst] = float(v)
+        return out
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def make_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any], group_size: int):
+    """ScoringService from the config sections; the local rule-judge scorer if the package is missing."""
+    try:
+        from rubric_fast.scoring import build_service
+    except ImportError:  # pragma: no cover - the scoring package ships with rubric_fast
+        return _local_scorer(judge_cfg, scoring_cfg)
+    judge = dict(judge_cfg or {})
+    if "kind" in judge and "type" not in judge:  # accept the older spelling
+        judge["type"] = judge.pop("kind")
+    # every group comes back, even one with too few valid members (its rewards are then excluded)
+    config = {"deliver_dropped": True, **(scoring_cfg or {}), "judge": judge, "group_size": group_size}
+    return ServiceScorer(build_service(config), group_size)
+
+
+def _local_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any]) -> StreamingScorer:
     return StreamingScorer(make_judge(judge_cfg), timeout_s=float((scoring_cfg or {}).get("timeout_s", 600.0)),
                            max_concurrency=int((scoring_cfg or {}).get("max_concurrency", 64)))
