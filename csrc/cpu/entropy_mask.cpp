@@ -30,25 +30,26 @@ at::Tensor entropy_mask_cpu(const at::Tensor& entropy, const at::Tensor& valid, 
   RF_CHECK_DTYPE(kOp, valid, at::kBool);
   RF_CHECK_SAME_DEVICE(kOp, valid, entropy);
 
-  // Values are compared in double: exact for fp32/fp16/bf16 inputs and for the fp64 oracle mode.
+  // Entropies are compared as fp32 values whatever their dtype (docs/ops-math.md), like the CUDA op
+  // and the cross-rank radix select.
   at::Tensor e = entropy.to(at::kDouble).contiguous();
   at::Tensor v = valid.contiguous();
   const double* ep = e.data_ptr<double>();
   const bool* vp = v.data_ptr<bool>();
 
-  std::vector<std::pair<uint64_t, int64_t>> keys;  // (ordered key, index) of the valid tokens
+  std::vector<std::pair<uint32_t, int64_t>> keys;  // (ordered key, index) of the valid tokens
   keys.reserve(N);
   for (int64_t i = 0; i < N; ++i) {
     if (!vp[i]) continue;
     TORCH_CHECK(!std::isnan(ep[i]), kOp, ": argument 'entropy' has a NaN at valid position ", i);
-    keys.emplace_back(ordered_key_f64(ep[i]), i);
+    keys.emplace_back(ordered_key_f32(static_cast<float>(ep[i])), i);
   }
   const int64_t n_valid = int64_t(keys.size());
   TORCH_CHECK(k >= 0 && k <= n_valid, kOp, ": argument 'k' must be in [0, n_valid = ", n_valid, "], got ", k);
 
   at::Tensor out = at::zeros({N}, entropy.options().dtype(at::kBool));
   if (k == 0) return out;
-  auto before = [](const std::pair<uint64_t, int64_t>& a, const std::pair<uint64_t, int64_t>& b) {
+  auto before = [](const std::pair<uint32_t, int64_t>& a, const std::pair<uint32_t, int64_t>& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
   };
   std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), before);
@@ -56,7 +57,7 @@ at::Tensor entropy_mask_cpu(const at::Tensor& entropy, const at::Tensor& valid, 
   bool* op = out.data_ptr<bool>();
   for (int64_t i = 0; i < N; ++i) {
     if (!vp[i]) continue;
-    const uint64_t key = ordered_key_f64(ep[i]);
+    const uint32_t key = ordered_key_f32(static_cast<float>(ep[i]));
     op[i] = key > kth.first || (key == kth.first && i <= kth.second);
   }
   return out;

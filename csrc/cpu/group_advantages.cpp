@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -92,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
   // Per-group count and mean of the valid rewards, then the squared deviations (two passes: stable).
   std::vector<int64_t> n(G, 0);
   std::vector<double> mean(G, 0.0), sq(G, 0.0);
+  std::vector<double> gmin(G, std::numeric_limits<double>::infinity()), gmax(G, -std::numeric_limits<double>::infinity());
   int64_t n_batch = 0;
   double sum_batch = 0.0;
   for (int64_t i = 0; i < B; ++i) {
@@ -99,6 +101,8 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
     if (!valid[i]) continue;
     n[cid[i]] += 1;
     mean[cid[i]] += r[i];
+    gmin[cid[i]] = std::min(gmin[cid[i]], r[i]);
+    gmax[cid[i]] = std::max(gmax[cid[i]], r[i]);
     n_batch += 1;
     sum_batch += r[i];
   }
@@ -176,19 +180,15 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
         break;
       }
     }
-    switch (scale) {
-      case Scale::kGroup:
-        c /= unbiased_std(n[g], sq[g]) + eps;
-        break;
-      case Scale::kBatch:  // TRL's scale_rewards="batch"
-        c /= std_batch + eps;
-        break;
-      case Scale::kNone:
-        break;
-    }
-    // eps = 0 with a zero std gives 0/0 for a centred value of 0: a group of one or of equal rewards
-    // gets A = 0, never NaN.
-    adv[i] = std::isnan(c) ? 0.0 : c;
+    // A group of equal rewards carries no signal for the centred estimators: exactly 0 (its fp64 mean
+    // may differ from the rewards by an ulp). W-REINFORCE is not centred and keeps +lambda / -1.
+    if (est != Estimator::kWReinforce && gmin[g] == gmax[g]) c = 0.0;
+    // Where the std is 0 (a group of one, equal rewards) c is left unscaled: dividing by eps would blow
+    // W-REINFORCE up, and eps = 0 would give NaN (docs/ops-math.md).
+    const double std_used = scale == Scale::kGroup ? unbiased_std(n[g], sq[g])
+                            : scale == Scale::kBatch ? std_batch  // TRL's scale_rewards="batch"
+                                                     : 0.0;
+    adv[i] = std_used > 0 ? c / (std_used + eps) : c;
   }
 
   at::Tensor adv_t = at::empty({B}, rewards.options().dtype(out_dtype));

@@ -9,8 +9,7 @@
 // equals T the first k_rem in index order: an inclusive scan (ATen cumsum, CUB underneath) of the
 // tie flags gives each tie its rank.
 //
-// Entropies of every dtype are selected by their fp32 values (like the distributed reference); fp64
-// inputs that differ only beyond fp32 precision count as ties here (the CPU op compares them in fp64).
+// Entropies of every dtype are compared as fp32 values (docs/ops-math.md), as in the CPU op.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_unique2.h>

@@ -12,6 +12,7 @@
 #include <ATen/ops/_unique2.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 
 #include "rubric_fast/checks.h"
 #include "rubric_fast/cuda_utils.cuh"
+#include "rubric_fast/radix_key.h"
 
 namespace rubric_fast {
 namespace {
@@ -34,14 +36,20 @@ enum Scale : int { kScaleGroup = 0, kScaleBatch, kScaleNone };
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 // group[2 g] = count of valid members, group[2 g + 1] = their sum; batch[0], batch[1] likewise.
+// key_min / key_max: the smallest / largest valid reward of each group as an order-preserving key
+// (radix_key.h), so that integer atomicMin / atomicMax find them; equal keys = a group of equal rewards.
 __global__ void group_sum_kernel(const double* __restrict__ r, const int64_t* __restrict__ gid, int64_t b,
-                                 double* __restrict__ group, double* __restrict__ batch) {
+                                 double* __restrict__ group, double* __restrict__ batch,
+                                 unsigned long long* __restrict__ key_min, unsigned long long* __restrict__ key_max) {
   __shared__ double shared[32];
   double n_local = 0.0, s_local = 0.0;
   RF_GRID_STRIDE(i, b) {
     if (isnan(r[i])) continue;
     atomicAdd(group + 2 * gid[i], 1.0);
     atomicAdd(group + 2 * gid[i] + 1, r[i]);
+    const unsigned long long key = ordered_key_f64(r[i]);
+    atomicMin(key_min + gid[i], key);
+    atomicMax(key_max + gid[i], key);
     n_local += 1.0;
     s_local += r[i];
   }
@@ -102,7 +110,9 @@ template <typename out_t>
 __global__ void advantages_kernel(const double* __restrict__ r, const double* __restrict__ metric,
                                   const int64_t* __restrict__ gid, int64_t b, const double* __restrict__ group,
                                   const double* __restrict__ sq, const double* __restrict__ batch,
-                                  const double* __restrict__ median, const double* __restrict__ split, int estimator,
+                                  const double* __restrict__ median, const double* __restrict__ split,
+                                  const unsigned long long* __restrict__ key_min,
+                                  const unsigned long long* __restrict__ key_max, int estimator,
                                   int scale, double eps, double positive_weight, out_t* __restrict__ adv,
                                   bool* __restrict__ valid) {
   RF_GRID_STRIDE(i, b) {
@@ -127,11 +137,11 @@ __global__ void advantages_kernel(const double* __restrict__ r, const double* __
       const double other_s = hi ? split[4 * g + 3] : split[4 * g + 1];
       c = other_n > 0 ? r[i] - other_s / other_n : r[i] - mean;
     }
-    if (scale == kScaleGroup)
-      c /= unbiased_std(n, sq[g]) + eps;
-    else if (scale == kScaleBatch)
-      c /= unbiased_std(batch[0], batch[2]) + eps;
-    adv[i] = out_t(isnan(c) ? 0.0 : c);  // 0/0 (eps = 0, a group of one) gives 0, never NaN
+    // Equal rewards: exactly 0 for the centred estimators; a zero std leaves c unscaled (as on CPU).
+    if (estimator != kWReinforce && key_min[g] == key_max[g]) c = 0.0;
+    const double std_used = scale == kScaleGroup ? unbiased_std(n, sq[g])
+                            : scale == kScaleBatch ? unbiased_std(batch[0], batch[2]) : 0.0;
+    adv[i] = out_t(std_used > 0 ? c / (std_used + eps) : c);
   }
 }
 
@@ -197,8 +207,13 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& rewar
   const cudaStream_t stream = current_stream();
   const int blocks = blocks_for(b, kThreads, 1024);
 
+  at::Tensor key_min = at::full({n_groups}, -1, gid.options());  // all bits set: the largest key
+  at::Tensor key_max = at::zeros({n_groups}, gid.options());
+  auto* key_min_p = reinterpret_cast<unsigned long long*>(key_min.data_ptr<int64_t>());
+  auto* key_max_p = reinterpret_cast<unsigned long long*>(key_max.data_ptr<int64_t>());
   group_sum_kernel<<<blocks, kThreads, 0, stream>>>(r.data_ptr<double>(), gid.data_ptr<int64_t>(), b,
-                                                    group.data_ptr<double>(), batch.data_ptr<double>());
+                                                    group.data_ptr<double>(), batch.data_ptr<double>(), key_min_p,
+                                                    key_max_p);
   RF_CUDA_LAUNCH_CHECK();
   group_sqdev_kernel<<<blocks, kThreads, 0, stream>>>(r.data_ptr<double>(), gid.data_ptr<int64_t>(), b,
                                                       group.data_ptr<double>(), sq.data_ptr<double>(),
@@ -230,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& rewar
         r.data_ptr<double>(), estimator == kCanon ? metric_d.data_ptr<double>() : nullptr, gid.data_ptr<int64_t>(),
         b, group.data_ptr<double>(), sq.data_ptr<double>(), batch.data_ptr<double>(),
         estimator == kCanon ? median.data_ptr<double>() : nullptr,
-        estimator == kCanon ? split.data_ptr<double>() : nullptr, estimator, scale, eps, positive_weight,
+        estimator == kCanon ? split.data_ptr<double>() : nullptr, key_min_p, key_max_p, estimator, scale, eps,
+        positive_weight,
         adv.data_ptr<scalar_t>(), valid.data_ptr<bool>());
     RF_CUDA_LAUNCH_CHECK();
   });
