@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .config import EXAMPLES_DIR, ConfigError, load_config
+from .dist import dist_info
 
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
 
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingStopped, ScoringError) as exc:
         print(f"rubric-fast train: stopped: {exc}", file=sys.stderr)
         return 1
+    if dist_info().rank != 0:
+        return 0
     r = [x for x in result.rewards if x == x]
     if len(r) >= 20:
         first, last = sum(r[:10]) / 10, sum(r[-10:]) / 10

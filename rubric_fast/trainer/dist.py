@@ -51,3 +51,22 @@ def init_distributed(backend: str = "auto") -> DistInfo:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch_dist.init_process_group(backend=backend)
     return info
+
+
+def sync_gradients(params: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks (the loss is already divided by the global token / sequence count)."""
+    if not is_distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers everywhere (a no-op in a single process)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            torch_dist.broadcast(t.data, src=0)

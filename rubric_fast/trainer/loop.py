@@ -40,7 +40,7 @@ from rubric_fast.rubric import Rubric, load_rubrics
 from . import ops_shim as ops
 from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict, policy_loss_config
-from .dist import DistInfo, global_sum, init_distributed
+from .dist import DistInfo, global_sum, init_distributed, broadcast_parameters, is_distributed, sync_gradients
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = pick_device(cfg.device, info)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # tiny models: more threads only add synchronisation
-    seed_everything(cfg.seed + info.rank)
+    seed_everything(cfg.seed)  # identical initial weights on every rank; sampling gets a per-rank seed below
     run_dir = Path(cfg.logging.run_dir)
     log = make_logger(cfg, info)
     log.log_config(config_to_dict(cfg))
@@ -290,11 +290,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- model, reference, optimizer
     tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)
     policy = load_policy(cfg.model, tokenizer, device)
+    # Data parallel without a DDP wrapper: the loss goes through the decoder directly (no logits), and the
+    # normalizers are global, so gradients are summed over ranks once per optimizer step (dist.sync_gradients).
     model: nn.Module = policy
-    if info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     a = cfg.algorithm
     reference = ReferencePolicy(policy, a.reference, cfg.model.lora.enabled) if a.beta > 0 else None
+    broadcast_parameters(policy)
+    seed_everything(cfg.seed + info.rank)
     params = [p for p in policy.parameters() if p.requires_grad]
     o = cfg.optimization
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
@@ -492,21 +494,19 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                     ents.append(ent)
                     valids.append(mb.loss_weight != 0)
                     keys.append(id(mb))
-            if a.top_entropy_fraction is not None and ents:
-                from .dist import is_distributed
-
+            if a.top_entropy_fraction is not None and (ents or is_distributed()):  # a collective: every rank
+                if not ents:
+                    ents = [torch.zeros(0, device=device)]
+                    valids, keys = [torch.zeros(0, dtype=torch.bool, device=device)], [None]
                 pg = torch.distributed.group.WORLD if is_distributed() else None
                 sel = ops.entropy_mask(torch.cat(ents), torch.cat(valids), a.top_entropy_fraction, process_group=pg)
                 for k, piece in zip(keys, torch.split(sel, [e.numel() for e in ents])):
                     ent_mask_cache[k] = piece
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     stat_sums: dict[str, float] = {}
     entropy_sum = 0.0
     is_sum = 0.0
     for _ in range(a.num_iterations):
         for mbs in mini_mbs:
-            if not mbs:
-                continue
             # global normalizers: every rank and micro-batch divides by the same count (exact accumulation)
             n_tok = global_sum(sum(float(mb.loss_weight.sum()) for mb in mbs), device)
             n_seq = global_sum(sum(int(torch.unique(mb.seq_index[mb.loss_weight != 0]).numel()) for mb in mbs), device)
@@ -547,7 +547,7 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                 if not torch.isfinite(loss):
                     bad = True
                     break
-                (loss * world).backward()  # DDP averages gradients over ranks; the normalizer is already global
+                loss.backward()  # normalizer is global: the per-rank gradients add up to the batch gradient
                 tw = float(mb.loss_weight.sum())
                 out["loss"] += float(loss.detach())
                 out["tokens"] += mb.n_tokens
@@ -558,11 +558,12 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                     entropy_sum += float((ent.detach() * (mb.loss_weight != 0)).sum())
                 if is_weight is not None:
                     is_sum += float((is_weight * (mb.loss_weight != 0)).sum())
-            if bad:
+            params = [p for p in policy.parameters() if p.requires_grad]
+            if global_sum(float(bad), device) > 0:  # every rank skips together
                 optimizer.zero_grad(set_to_none=True)
                 out["nonfinite"] = True
                 return out
-            params = [p for p in policy.parameters() if p.requires_grad]
+            sync_gradients(params)
             gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip is not None else float("inf"))
             if not torch.isfinite(gn):
                 optimizer.zero_grad(set_to_none=True)
@@ -591,8 +592,9 @@ def step_metrics(batch: RolloutBatch, mean_reward: float, upd: dict[str, Any], u
     m["reward_missing"] = float(sum(s.reward is None for s in batch.samples))
     passed: dict[str, list[float]] = {}
     for s in batch.samples:
+        ids = {c.id for c in s.rubric.criteria}
         for v in s.verdicts:
-            if v.score is not None:
+            if v.score is not None and v.criterion_id in ids:  # not the guard's holistic verdicts
                 passed.setdefault(v.criterion_id, []).append(1.0 if v.score >= 0.5 else 0.0)
     for cid, xs in sorted(passed.items()):
         m[f"pass_rate/{cid}"] = sum(xs) / len(xs)
