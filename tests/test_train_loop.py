@@ -174,3 +174,59 @@ def test_cli_runs_two_steps(tmp_path, capsys):
     assert (tmp_path / "cli" / "metrics.jsonl").exists() and (tmp_path / "cli" / "config.yaml").exists()
     rc = main(["train", "optimization.lrr=1"])
     assert rc == 2 and "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_dataset_errors_name_file_line_and_key(tmp_path, capsys):
+    from rubric_fast.cli import main
+
+    good = json.dumps({"prompt": "hi", "criteria": [{"text": "has a", "verifier": "contains",
+                                                      "verifier_params": {"text": "a"}}]})
+    bad = json.dumps({"prompt": "hi", "criteria": [{"text": "x", "verifier": "contains", "weight": -1}]})
+    data = tmp_path / "bad.jsonl"
+    data.write_text(good + "\n" + bad + "\n")
+    rc = main(["train", *SMALL, f"data.path={data}", f"logging.run_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2" in err and "weight" in err
+    rc = main(["train", *SMALL, f"data.path={tmp_path / 'missing.jsonl'}", f"logging.run_dir={tmp_path / 'r'}"])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+def test_empty_completions_are_scored_and_trained(tmp_path, monkeypatch):
+    """A policy that answers EOS at once: empty responses get rewards (not errors) and the step runs."""
+    from rubric_fast.trainer import rollout as R
+
+    real = R.HFRolloutEngine._completion
+    calls = {"n": 0}
+
+    def eos_first(self, prompt, new, logp):
+        calls["n"] += 1
+        if calls["n"] % 2:  # every other completion is empty: EOS as its first token
+            new = new.clone()
+            new[0] = self.eos_id
+        return real(self, prompt, new, logp)
+
+    monkeypatch.setattr(R.HFRolloutEngine, "_completion", eos_first)
+    result, rows = run(tmp_path, "max_steps=2", "algorithm.mask_truncated_completions=true",
+                       "logging.samples_every=1", "logging.num_samples=8")
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert any(s["response"] == "" for s in samples)
+    assert all(s["reward"] is not None for s in samples)
+    assert result.steps == 2 and rows[-1]["reward_missing"] == 0
+
+
+def test_scaffold_messages_show_a_share_of_the_criteria():
+    from rubric_fast.rubric import load_rubrics
+    from rubric_fast.trainer.loop import scaffold_messages
+
+    rub = load_rubrics(load_config(DEFAULT_CONFIG).data.path)[0]
+    assert scaffold_messages(rub, 0.0) == rub.prompt
+    full = scaffold_messages(rub, 1.0)
+    assert full[0]["role"] == "system" and all(c.text in full[0]["content"] for c in rub.criteria)
+    half = scaffold_messages(rub, 0.5)
+    assert sum(c.text in half[0]["content"] for c in rub.criteria) == len(rub.criteria) // 2
+    assert full[1:] == rub.prompt
+
+
+def test_gradient_checkpointing_step(tmp_path):
+    result, rows = run(tmp_path, "model.gradient_checkpointing=true", "algorithm.drop_zero_variance_groups=false")
+    assert result.steps == 1 and rows[-1]["grad_norm"] is not None

@@ -38,8 +38,13 @@ def run(args: argparse.Namespace) -> int:
         from rubric_fast.scoring import ScoringError
     except ImportError:  # pragma: no cover
         ScoringError = TrainingStopped  # noqa: N806
+    from rubric_fast.rubric import RubricError
+
     try:
         result = train(cfg)
+    except (RubricError, FileNotFoundError) as exc:  # the dataset: the message names file, line and key
+        print(f"rubric-fast train: data.path: {exc}", file=sys.stderr)
+        return 2
     except (TrainingStopped, ScoringError) as exc:
         print(f"rubric-fast train: stopped: {exc}", file=sys.stderr)
         return 1
