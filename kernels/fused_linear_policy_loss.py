@@ -107,7 +107,7 @@ def _one_pass(hidden, weight, targets, bias, temperature, ignore_index, active_i
         zb = z_ws[:rb]
         lp_b, ent_b, lse_b = forward_rows(xb, weight, tb, bias, temperature, ignore_index, z_out=zb)
         gl_b, gh_b, _ = policy_token_grads(
-            lp_b, sel(old_logp, idx), sel(advantages, idx), sel(w, idx), sel(coef, idx), None,
+            lp_b, lp_b if old_logp is None else sel(old_logp, idx), sel(advantages, idx), sel(w, idx), sel(coef, idx), None,
             sel(ref_logp, idx), sel(is_weight, idx), ent_b if entropy_coef != 0 else None, sel(entropy_mask, idx),
             loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, tau_pos, tau_neg)
         mu_b = lse_b - ent_b
@@ -139,7 +139,8 @@ def fused_linear_policy_loss_fwd_bwd(hidden, weight, targets, old_logp, advantag
                                      bias, temperature: float, ignore_index: int, needs_dhidden: bool,
                                      needs_dweight: bool, needs_dbias: bool):
     """-> (loss 0-dim f32, stats f32[4], logp f32[N], entropy f32[N], dhidden | None, dweight | None,
-    dbias | None). delta, dual_clip, normalizer, top_entropy_fraction <= 0 mean unset."""
+    dbias | None). delta, dual_clip, normalizer, top_entropy_fraction <= 0 mean unset. ``old_logp=None``:
+    on-policy, the old log-probs are this forward's own (ratio 1), with no extra pass."""
     delta, dual_clip, normalizer = float(delta or 0.0), float(dual_clip or 0.0), float(normalizer or 0.0)
     top_entropy_fraction = float(top_entropy_fraction or 0.0)
     hidden_dtype = hidden.dtype
@@ -186,13 +187,15 @@ def fused_linear_policy_loss_fwd_bwd(hidden, weight, targets, old_logp, advantag
                                            coef, pl_args, needs_dhidden, needs_dweight, needs_dbias,
                                            logp, ent, lse, hidden_dtype)
         loss, stats, _, _ = policy_loss_fwd_bwd(
-            logp, old_logp, advantages, w, ref_logp, is_weight, seq_index, ent if entropy_coef != 0 else None,
+            logp, logp if old_logp is None else old_logp, advantages, w, ref_logp, is_weight, seq_index, ent if entropy_coef != 0 else None,
             entropy_mask, loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef,
             aggregation, normalizer, sapo_tau_pos, sapo_tau_neg)
         dbias = db32.to(bias.dtype) if needs_dbias else None
         return loss, stats, logp, ent, dhidden, dweight, dbias
 
     logp, ent, lse = forward_rows(hidden, weight, targets, bias, temperature, ignore_index)
+    if old_logp is None:
+        old_logp = logp
     if entropy_mask is None and top_entropy_fraction > 0:
         entropy_mask = top_entropy_mask(ent, valid, top_entropy_fraction)
     loss, stats, gl, gh = policy_loss_fwd_bwd(

@@ -307,3 +307,19 @@ def test_forced_backend_that_cannot_run_falls_back(caplog):
     torch.testing.assert_close(logp, R.linear_logprob_entropy_materialized(x, w, t)[0])
     assert ops.current_backend() is None
     assert "torch" in ops.available_backends()
+
+
+def test_fused_on_policy_old_logp_none_equals_explicit_old(backend):
+    x, w, b, t = _lle_inputs(15, 6, 23)
+    adv, lw = torch.randn(15, dtype=torch.float64), (t != -100).double()
+    cfg = R.PolicyLossConfig(loss="ppo_clip", beta=0.05)
+    ref_lp = R.linear_logprob_entropy_materialized(x, w, t)[0] + 0.1
+    a = x.clone().requires_grad_(True)
+    loss, stats, logp, _ = ops.fused_linear_policy_loss(a, w, t, None, adv, lw, ref_logp=ref_lp, config=cfg)
+    loss.backward()
+    c = x.clone().requires_grad_(True)
+    loss2, _, _, _ = ops.fused_linear_policy_loss(c, w, t, logp, adv, lw, ref_logp=ref_lp, config=cfg)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(a.grad, c.grad)
+    assert stats.ratio_mean.item() == pytest.approx(1.0)

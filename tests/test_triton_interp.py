@@ -220,7 +220,7 @@ else:
 
     # ------------------------------------------------------------------ fused linear policy loss
     def _check_fused(g, cfg, n, h, v, with_mask=False, with_bias=True, temperature=0.9, dtype=torch.float32,
-                     tol=5e-5):
+                     tol=5e-5, on_policy=False):
         x, w, b, t = _inputs(g, n, h, v, n_ignored=2)
         b = b if with_bias else None
         x, w = x.to(dtype).double(), w.to(dtype).double()
@@ -236,6 +236,8 @@ else:
         seq = torch.randint(0, 4, (n,), generator=g)
         emask = (torch.rand(n, generator=g) > 0.5) if with_mask else None
         old, adv, reflp, isw = (a.float().double() for a in (old, adv, reflp, isw))
+        if on_policy:  # old_logp=None: the forward's own log-probs, ratio 1
+            old = None
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         br = b.clone().requires_grad_() if b is not None else None
         loss, stats, lp, en = ref.fused_linear_policy_loss(
@@ -279,6 +281,12 @@ else:
         monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
         cfg = PolicyLossConfig(loss="ppo_clip", aggregation="token_mean", top_entropy_fraction=top, entropy_coef=0.01)
         _check_fused(gen, cfg, 33, 24, 130, with_mask=with_mask, with_bias=False, temperature=1.0)
+
+    @pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+    def test_fused_on_policy_old_logp_none(gen, monkeypatch, schedule):
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
+        cfg = PolicyLossConfig(loss="ppo_clip", aggregation="token_mean", beta=0.02)
+        _check_fused(gen, cfg, 17, 16, 37, on_policy=True)
 
     def test_fused_single_row_and_fp16_in_place(gen, monkeypatch):
         cfg = PolicyLossConfig(loss="cispo", aggregation="constant", normalizer=4.0)

@@ -161,6 +161,8 @@ def _fused_impl(be, hidden, weight, targets, old_logp, advantages, loss_weight, 
             None if entropy_mask is None else entropy_mask != 0, *cfg_args, top_entropy_fraction, bias,
             temperature, ignore_index, *needs)
     logp, ent, lse = forward_impl(be, hidden, weight, targets, bias, temperature, ignore_index)
+    if old_logp is None:  # on-policy: the old policy is this forward's own, ratio 1
+        old_logp = logp
     if entropy_mask is None and top_entropy_fraction > 0:
         valid = (loss_weight != 0) & (targets != ignore_index)
         entropy_mask = topk_mask(ent.float(), valid, selection_count(top_entropy_fraction, int(valid.sum())))
@@ -177,7 +179,7 @@ def _fused_impl(be, hidden, weight, targets, old_logp, advantages, loss_weight, 
 
 
 @torch.library.custom_op("rubric_fast::fused_linear_policy_loss", mutates_args=())
-def _fused_op(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor,
+def _fused_op(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor | None, advantages: Tensor,
               loss_weight: Tensor, ref_logp: Tensor | None, is_weight: Tensor | None, seq_index: Tensor | None,
               entropy_mask: Tensor | None, bias: Tensor | None, temperature: float, ignore_index: int,
               loss_type: int, eps_low: float, eps_high: float, delta: float, dual_clip: float, beta: float,
@@ -238,26 +240,29 @@ def _fused_backward(ctx, g_loss, *unused):
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor,
+def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor | None,
+                             advantages: Tensor,
                              loss_weight: Tensor, *, ref_logp: Tensor | None = None, is_weight: Tensor | None = None,
                              seq_index: Tensor | None = None, entropy_mask: Tensor | None = None,
                              config: PolicyLossConfig, bias: Tensor | None = None, temperature: float = 1.0,
                              ignore_index: int = -100, process_group=None):
     """The one-call hot path: hidden states -> log-prob / entropy -> policy loss, with its backward.
 
-    Returns (loss, stats, logp, entropy); ``logp`` and ``entropy`` are detached diagnostics (fp32). Tokens
+    Returns (loss, stats, logp, entropy); ``logp`` and ``entropy`` are detached diagnostics (fp32).
+    ``old_logp=None`` means on-policy (one update per batch of rollouts): the old log-probs are this
+    forward's own, detached, so no separate no-grad pass is needed. Tokens
     whose ``targets`` equal ``ignore_index`` must have ``loss_weight`` 0. With
     ``config.top_entropy_fraction`` and no ``entropy_mask``, the mask is computed between the forward and
     the backward; with a ``process_group`` the selection threshold is global across its ranks.
     """
     check_lle_inputs(hidden, weight, targets, bias)
     n = hidden.shape[0]
-    _check_policy_inputs(old_logp.new_zeros(n) if old_logp is not None else None, old_logp, advantages, loss_weight,
-                         ref_logp, is_weight, seq_index, None, entropy_mask,
-                         config.replace(entropy_coef=0.0))
+    probe = advantages.new_zeros(n) if isinstance(advantages, Tensor) else None
+    _check_policy_inputs(probe, probe if old_logp is None else old_logp, advantages, loss_weight, ref_logp,
+                         is_weight, seq_index, None, entropy_mask, config.replace(entropy_coef=0.0))
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    check_same_device(hidden=hidden, old_logp=old_logp)
+    check_same_device(hidden=hidden, advantages=advantages)
     be = _backend.select(hidden.device, "fused_linear_policy_loss", _SUPPORTED)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
@@ -273,7 +278,8 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
         valid = (loss_weight != 0) & (targets != ignore_index)
         entropy_mask = _entropy_mask(ent, valid, config.top_entropy_fraction, process_group=process_group)
     loss, stats, logp, ent, _, _, _ = _fused_op(
-        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), old_logp.detach().contiguous(),
+        hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
+        None if old_logp is None else old_logp.detach().contiguous(),
         advantages.detach().contiguous(), loss_weight.detach().contiguous(), _c(ref_logp), _c(is_weight),
         _c(seq_index), _mask_arg(entropy_mask), _c(bias), float(temperature), int(ignore_index),
         *config_args(config), top, bool(needs[0]), bool(needs[1]), bool(needs[2]), be)

@@ -20,6 +20,8 @@ def fused_linear_policy_loss(hidden, weight, targets, old_logp, advantages, loss
     need_entropy = config.entropy_coef != 0 or config.top_entropy_fraction is not None
     logp, ent, _ = linear_logprob_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index)
+    if old_logp is None:  # on-policy
+        old_logp = logp.detach()
     if entropy_mask is None and config.top_entropy_fraction is not None:
         valid = (loss_weight != 0) & (targets != ignore_index)
         entropy_mask = globals()["entropy_mask"](ent.detach(), valid, config.top_entropy_fraction)
