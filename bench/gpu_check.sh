@@ -38,6 +38,10 @@ timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_triton.py --jun
     2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 TEST_RC=${PIPESTATUS[0]}
 
+stamp "selfcheck: every backend (torch, cuda C++, triton) against the float64 reference, fp32 and bf16"
+timeout 60 "$PY" -m rubric_fast.selfcheck --dtype float32 --dtype bfloat16 2>&1 | tee "$OUT/selfcheck.txt"
+SELF_RC=${PIPESTATUS[0]}
+
 stamp "benchmark"
 BENCH_LIGER_COMPILED="${BENCH_LIGER_COMPILED:-0}" timeout 170 "$PY" -m rubric_fast.cli bench --reps 3 \
     --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.txt"
@@ -47,5 +51,5 @@ if [ "$BENCH_RC" != 0 ] && [ -f "$OUT/bench.md" ]; then
   cat "$OUT/bench.md"
 fi
 
-stamp "done: gpu tests rc=$TEST_RC, bench rc=$BENCH_RC; outputs in $OUT"
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+stamp "done: gpu tests rc=$TEST_RC, selfcheck rc=$SELF_RC, bench rc=$BENCH_RC; outputs in $OUT"
+[ "$TEST_RC" = 0 ] && [ "$SELF_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
