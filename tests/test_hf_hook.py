@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rubric_fast.integrations.hf import UnsupportedHeadError, check_linear_head, hidden_states_and_head  # noqa: E402
-from rubric_fast.reference import linear_logprob_entropy  # noqa: E402
+from rubric_fast.integrations.hf import UnsupportedHeadError, check_linear_head, hidden_states_and_head
+from rubric_fast.reference import linear_logprob_entropy
 
 V, H = 61, 32
 

@@ -66,10 +66,10 @@ def test_one_step_of_every_variant_updates_the_policy(tmp_path, overrides):
 def test_update_changes_weights_and_matches_materialized_logits_gradient(tmp_path):
     """The loop's loss gradient (hidden states + fused op) equals the one from model(...).logits."""
     from rubric_fast.reference import policy_loss
+    from rubric_fast.rubric import load_rubrics
     from rubric_fast.trainer import loop as L
     from rubric_fast.trainer.models import build_char_tokenizer, load_policy
     from rubric_fast.trainer.rollout import Completion
-    from rubric_fast.rubric import load_rubrics
 
     cfg = load_config(DEFAULT_CONFIG, SMALL + ["algorithm.is_cap=null"])
     tok = build_char_tokenizer()
@@ -112,7 +112,7 @@ def test_update_changes_weights_and_matches_materialized_logits_gradient(tmp_pat
 
 def test_checkpoint_and_resume(tmp_path):
     base = ["checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.resume=auto"]
-    r1, _ = run(tmp_path, "max_steps=3", *base)
+    run(tmp_path, "max_steps=3", *base)
     ck = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ck == ["step_00000002", "step_00000003"]
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)

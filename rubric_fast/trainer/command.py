@@ -7,6 +7,7 @@ small rubric dataset judged by the rule judge, on the CPU in a few minutes, and 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .config import EXAMPLES_DIR, ConfigError, load_config
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from rubric_fast.scoring import ScoringError
     except ImportError:  # pragma: no cover
-        ScoringError = TrainingStopped  # noqa: N806
+        ScoringError = TrainingStopped
     from rubric_fast.rubric import RubricError
 
     try:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if dist_info().rank != 0:
         return 0
-    r = [x for x in result.rewards if x == x]
+    r = [x for x in result.rewards if not math.isnan(x)]
     if len(r) >= 20:
         first, last = sum(r[:10]) / 10, sum(r[-10:]) / 10
         print(f"rubric-fast train: done, {result.steps} steps; mean reward first 10 steps {first:.3f} -> "

@@ -26,15 +26,15 @@ class DistInfo:
 
 def dist_info() -> DistInfo:
     """Rank, local rank and world size from ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (torchrun)."""
-    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                    world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def is_distributed() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
-def global_sum(value: float | int | torch.Tensor, device: torch.device | str = "cpu") -> float:
+def global_sum(value: float | torch.Tensor, device: torch.device | str = "cpu") -> float:
     """Sum of ``value`` over all ranks (the identity in a single process)."""
     if not is_distributed():
         return float(value)

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from rubric_fast import ops
 from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 
-from . import ops_shim as ops
 from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_to_dict, policy_loss_config
-from .dist import DistInfo, global_sum, init_distributed, broadcast_parameters, is_distributed, sync_gradients
+from .dist import DistInfo, broadcast_parameters, global_sum, init_distributed, is_distributed, sync_gradients
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
@@ -184,7 +184,7 @@ def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool,
             seq.append(seq_offset + b)
             slp.append(s.completion.sampler_logp[j])
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
     return MicroBatch(ids.to(device), mask.to(device), pos.to(device), t(rows, torch.long), t(cols, torch.long),
                       t(tgts, torch.long), t(adv, torch.float32), t(w, torch.float32), t(seq, torch.long),
                       t(slp, torch.float32), int(mask.sum()))
@@ -285,7 +285,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_dir = Path(cfg.logging.run_dir)
     log = make_logger(cfg, info)
     log.log_config(config_to_dict(cfg))
-    print(f"[rubric_fast] ops: {ops.OPS_SOURCE}; device: {device}; world size {info.world_size}", file=sys.stderr)
+    print(f"[rubric_fast] ops backends: {', '.join(ops.available_backends())}; device: {device}; "
+          f"world size {info.world_size}", file=sys.stderr)
 
     # ---- model, reference, optimizer
     tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)

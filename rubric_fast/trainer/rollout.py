@@ -10,8 +10,9 @@ difference is what the truncated importance weight of the loss corrects.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
