@@ -34,7 +34,7 @@ if ! RUBRIC_FAST_BUILD_CUDA=1 timeout 150 "$PY" -m pip install -q -e . --no-buil
 fi
 
 stamp "GPU tests (bf16, error-ratio rule)"
-timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_triton.py --junitxml="$OUT/gpu_tests.xml" \
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_triton.py tests/test_gpu_native.py --junitxml="$OUT/gpu_tests.xml" \
     2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 TEST_RC=${PIPESTATUS[0]}
 
