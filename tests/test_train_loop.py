@@ -50,9 +50,15 @@ def _params(cfg_overrides, tmp_path):
     ["rollout.scaffold.enabled=true", "max_steps=2"],
 ], ids=lambda o: ",".join(x.split("=")[0].split(".")[-1] + "=" + x.split("=")[1] for x in o))
 def test_one_step_of_every_variant_updates_the_policy(tmp_path, overrides):
-    result, rows = run(tmp_path, "logging.samples_every=1", *overrides)
+    drop = [] if any("drop_zero_variance" in o for o in overrides) else ["algorithm.drop_zero_variance_groups=false"]
+    result, rows = run(tmp_path, "logging.samples_every=1", *drop, *overrides)
     assert result.steps == rows[-1]["step"] >= 1
     last = rows[-1]
+    if "algorithm.mask_truncated_completions=true" in overrides:  # 6 new tokens: nearly all truncated
+        assert last["truncated_frac"] > 0
+    else:
+        assert last["policy_version"] == result.steps  # every step made an optimizer update
+        assert last["loss"] is not None and last["grad_norm"] is not None
     assert last["reward"] is not None and 0 <= last["reward"] <= 1
     for key in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "tokens_per_s", "lr", "grad_norm"):
         assert key in last, key
@@ -230,3 +236,15 @@ def test_scaffold_messages_show_a_share_of_the_criteria():
 def test_gradient_checkpointing_step(tmp_path):
     result, rows = run(tmp_path, "model.gradient_checkpointing=true", "algorithm.drop_zero_variance_groups=false")
     assert result.steps == 1 and rows[-1]["grad_norm"] is not None
+
+
+def test_sampler_and_trainer_logprobs_agree_on_policy(tmp_path):
+    """On-policy with top_p = 1 the truncated IS weight pi_old / pi_sampler is 1: the left-padded sampler
+    and the right-padded hidden-state path of the trainer compute the same log-probs."""
+    _, rows = run(tmp_path, "rollout.overlap=false", "rollout.temperature=0.8",
+                  "algorithm.drop_zero_variance_groups=false")
+    assert rows[-1]["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    # top-p renormalises the sampler's distribution: pi_old / pi_sampler < 1 on the kept tokens
+    _, rows = run(tmp_path / "p", "rollout.overlap=false", "rollout.top_p=0.3",
+                  "algorithm.drop_zero_variance_groups=false")
+    assert rows[-1]["is_weight_mean"] < 0.99
