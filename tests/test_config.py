@@ -95,3 +95,13 @@ def test_defaults_are_valid():
     from rubric_fast.trainer.config import validate
 
     validate(TrainConfig())
+
+
+def test_every_example_config_loads():
+    from pathlib import Path
+
+    examples = sorted((Path(DEFAULT_CONFIG).parent).glob("*.yaml"))
+    assert len(examples) >= 2
+    for p in examples:
+        cfg = load_config(p)
+        assert cfg.max_steps >= 1, p
