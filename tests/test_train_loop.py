@@ -248,3 +248,32 @@ def test_sampler_and_trainer_logprobs_agree_on_policy(tmp_path):
     _, rows = run(tmp_path / "p", "rollout.overlap=false", "rollout.top_p=0.3",
                   "algorithm.drop_zero_variance_groups=false")
     assert rows[-1]["is_weight_mean"] < 0.99
+
+
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_resume_continues_exactly(tmp_path, overlap, monkeypatch):
+    """4 steps in one go == a run killed after step 2 and resumed (model, optimizer, scheduler, RNG, data
+    position, and with overlap the batch generated ahead)."""
+    from rubric_fast.trainer import loop as L
+
+    common = [f"rollout.overlap={overlap}", "algorithm.drop_zero_variance_groups=false", "checkpoint.every=1",
+              "checkpoint.resume=auto", "optimization.schedule=linear", "optimization.warmup_steps=0",
+              "data.shuffle=true", "max_steps=4"]
+    straight, _ = run(tmp_path / "a", *common)
+    real_save = L.save_checkpoint
+
+    def save_then_die(d, step, bundle, **kw):
+        real_save(d, step, bundle, **kw)
+        if step == 2:
+            raise KeyboardInterrupt  # the job is killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(L, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", *common)
+    monkeypatch.setattr(L, "save_checkpoint", real_save)
+    resumed, _ = run(tmp_path / "b", *common)
+    assert resumed.rewards == straight.rewards[2:]
+    a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=False)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)

@@ -22,6 +22,7 @@ importance weight ``min(pi_old / pi_sampler, is_cap)`` (stale samples, top-p, ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -129,6 +130,22 @@ def scaffold_share(i: int, n: int, step: int, max_steps: int, midpoint: float, s
     progress = step / max(1, max_steps)
     schedule = 1.0 / (1.0 + math.exp(steepness * (progress - midpoint)))
     return (n - 1 - i) / max(1, n - 1) * schedule
+
+
+def batch_to_state(b: RolloutBatch, rubric_index: dict[int, int]) -> dict[str, Any]:
+    """A generated, not yet trained batch as plain data for the checkpoint (rewards are re-scored)."""
+    return {"step": b.step, "policy_version": b.policy_version, "data_position": b.data_position,
+            "group_ids": b.group_ids, "rollout_time": b.rollout_time, "rollout_tokens": b.rollout_tokens,
+            "samples": [{"group_id": s.group_id, "rubric": rubric_index[id(s.rubric)], "prompt_ids": s.prompt_ids,
+                         "policy_version": s.policy_version, "completion": dataclasses.asdict(s.completion)}
+                        for s in b.samples]}
+
+
+def batch_from_state(d: dict[str, Any], rubrics: list[Rubric]) -> RolloutBatch:
+    samples = [Sample(s["group_id"], rubrics[s["rubric"]], s["prompt_ids"], Completion(**s["completion"]),
+                      s["policy_version"]) for s in d["samples"]]
+    return RolloutBatch(d["step"], d["policy_version"], d["data_position"], samples, d["group_ids"],
+                        d["rollout_time"], d["rollout_tokens"])
 
 
 # ------------------------------------------------------------------------------------------------ micro-batches
@@ -334,6 +351,17 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step
     group_counter = [0]
+    rubric_index = {id(r): i for i, r in enumerate(rubrics)}
+    pending: deque[RolloutBatch] = deque()
+    next_rollout_step = step
+    if resume_from is not None:
+        group_counter[0] = ts.get("group_counter", 0)
+        next_rollout_step = ts.get("next_rollout_step", step)
+        for b in ts.get("pending", []):
+            batch = batch_from_state(b, rubrics)
+            for k, smp in enumerate(batch.samples):  # scores are not saved: grade the completions again
+                scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}", smp.rubric, smp.completion.text)
+            pending.append(batch)
 
     def rollout(for_step: int) -> RolloutBatch:
         """Generate one step's completions; submit each batch of completions to the scorer at once."""
@@ -365,9 +393,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 k += 1
         return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0, n_tok)
 
-    pending: deque[RolloutBatch] = deque()
     depth = 2 if cfg.rollout.overlap else 1
-    next_rollout_step = step
     rewards_history: list[float] = []
     t_run = time.perf_counter()
 
@@ -451,12 +477,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.log_samples(step, [sample_row(tokenizer, s) for s in batch.samples[:cfg.logging.num_samples]])
             if info.is_main and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                                  or (step == cfg.max_steps and cfg.checkpoint.save_final)):
-                position = pending[0].data_position if pending else stream.position()
+                # batches generated ahead (overlap) are saved as they are and re-scored on resume, so the
+                # continuation is the same as without the interruption
                 save_checkpoint(ckpt_dir, step, {
                     "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "train_state": {"step": step, "policy_version": policy_version, "data_position": position,
-                                    "consecutive_nan": consecutive_nan, "counters": dict(counters)},
+                    "train_state": {"step": step, "policy_version": policy_version,
+                                    "data_position": stream.position(), "consecutive_nan": consecutive_nan,
+                                    "counters": dict(counters), "group_counter": group_counter[0],
+                                    "next_rollout_step": next_rollout_step,
+                                    "pending": [batch_to_state(b, rubric_index) for b in pending]},
                     "config": config_to_dict(cfg)}, keep_last=cfg.checkpoint.keep_last)
     finally:
         scorer.close()
