@@ -96,7 +96,7 @@ def test_update_changes_weights_and_matches_materialized_logits_gradient(tmp_pat
     # fused path, as the loop does it
     model.zero_grad()
     for mb in mbs:
-        h, w, b = L.token_hidden(model, mb)
+        h, w, _ = L.token_hidden(model, mb)
         old = L.ops.linear_logprob_entropy(h.detach(), w.detach(), mb.targets, return_entropy=False)[0]
         loss, *_ = L.ops.fused_linear_policy_loss(h, w, mb.targets, old, mb.advantages, mb.loss_weight,
                                                   seq_index=mb.seq_index, config=lcfg)

@@ -6,13 +6,16 @@ State bundle (``state.pt`` in ``<dir>/step_XXXXXXXX/``)::
     optimizer      optimizer state_dict
     scheduler      LR scheduler state_dict
     rng            python / torch CPU / torch CUDA RNG states of this rank
-    train_state    step, policy_version, data position (epoch, index), consecutive NaN count, counters
+    train_state    step, policy_version, data position (epoch, index), consecutive NaN count, counters,
+                   group counter, next rollout step, and the batches generated ahead of training (overlap):
+                   their completions and sampler log-probs, re-scored on resume
     config         the whole run config (as a dict), for reference
 
 A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when complete, so a crash mid-write never
 leaves a directory that ``resume=auto`` would pick. Only the last ``keep_last`` are kept.
 
-Single-process for now; TODO(distributed): per-rank optimizer shards and FSDP2 sharded state dicts.
+Written by rank 0 only for now; TODO(distributed): per-rank RNG / pending batches / optimizer shards and
+FSDP2 sharded state dicts.
 """
 
 from __future__ import annotations

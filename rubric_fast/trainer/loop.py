@@ -18,6 +18,11 @@ the policy at the start of the update: with ``num_iterations == 1`` it equals ``
 computed from the same hidden states (one extra no-grad pass through the head only); otherwise a no-grad
 pre-pass computes it before the first iteration. The sampler's log-probs enter only through the truncated
 importance weight ``min(pi_old / pi_sampler, is_cap)`` (stale samples, top-p, rubric scaffolds).
+
+Several processes (torchrun): each rank samples and scores its own slice of the prompts; every loss
+normalizer (token or sequence count) is summed over ranks with ``dist.global_sum``, so the per-rank
+gradients add up to the gradient of the whole batch and are summed with ``dist.sync_gradients`` before
+each optimizer step (no DDP wrapper: the loss bypasses the model's forward to avoid the logits).
 """
 
 from __future__ import annotations
@@ -571,7 +576,7 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                         ref, _, _ = ops.linear_logprob_entropy(rh, rw, mb.targets, bias=rb,
                                                                temperature=cfg.rollout.temperature,
                                                                return_entropy=False)
-                loss, stats, logp, ent = ops.fused_linear_policy_loss(
+                loss, stats, _, ent = ops.fused_linear_policy_loss(
                     h, w, mb.targets, old, mb.advantages, mb.loss_weight, ref_logp=ref, is_weight=is_weight,
                     seq_index=mb.seq_index, entropy_mask=ent_mask_cache.get(id(mb)), config=loss_cfg, bias=b,
                     temperature=cfg.rollout.temperature)
