@@ -277,3 +277,27 @@ def test_resume_continues_exactly(tmp_path, overlap, monkeypatch):
     b = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=False)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def test_two_processes_gloo(tmp_path):
+    """torchrun with 2 CPU processes: global normalizers and summed gradients keep both ranks in step."""
+    import os
+    import subprocess
+    import sys
+
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rubric_fast.trainer", *SMALL, "max_steps=2", "checkpoint.save_final=true",
+           "algorithm.drop_zero_variance_groups=false", f"logging.run_dir={run_dir}"]
+    env = {**os.environ, "RUBRIC_FAST_DUMP_PARAM_SUM": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["policy_version"] == 2
+    sums = [line for line in proc.stderr.splitlines() if "param checksum" in line]
+    assert len(sums) == 2 and len({s.split("param checksum")[1] for s in sums}) == 1, sums

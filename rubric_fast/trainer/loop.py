@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -496,6 +497,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         scorer.close()
         log.close()
+    if os.environ.get("RUBRIC_FAST_DUMP_PARAM_SUM"):  # tests: every rank must hold the same weights
+        checksum = sum(float(p.detach().double().abs().sum()) for p in policy.parameters())
+        print(f"[rubric_fast] rank {info.rank} param checksum {checksum:.10e}", file=sys.stderr)
     return TrainResult(step, rewards_history, str(run_dir), counters["stale_dropped"], counters["nan_steps"])
 
 
