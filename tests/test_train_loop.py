@@ -282,10 +282,9 @@ def test_resume_continues_exactly(tmp_path, overlap, monkeypatch):
 def test_two_processes_gloo(tmp_path):
     """torchrun with 2 CPU processes: global normalizers and summed gradients keep both ranks in step."""
     import os
+    import socket
     import subprocess
     import sys
-
-    import socket
 
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))

@@ -298,6 +298,15 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Run the config to ``max_steps`` (resuming when a checkpoint says so); see the module docstring."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads_before)  # cpu_threads is for this run, not for the caller's process
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     info = init_distributed(cfg.distributed.backend)
     if info.world_size > 1 and cfg.distributed.strategy == "fsdp2":
         raise NotImplementedError("distributed.strategy=fsdp2 is not wired into the loop yet; use ddp")
