@@ -300,3 +300,27 @@ def test_two_processes_gloo(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["policy_version"] == 2
     sums = [line for line in proc.stderr.splitlines() if "param checksum" in line]
     assert len(sums) == 2 and len({s.split("param checksum")[1] for s in sums}) == 1, sums
+
+
+def test_judge_config_errors_are_reported_by_key(tmp_path, capsys, monkeypatch):
+    from rubric_fast.cli import main
+
+    rc = main(["train", *SMALL, "judge.type=oracle", f"logging.run_dir={tmp_path / 'j'}"])
+    assert rc == 2 and "judge.type" in capsys.readouterr().err
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    rc = main(["train", *SMALL, "judge.type=http", "judge.model=m", "judge.endpoints=[http://127.0.0.1:9/v1]",
+               "judge.api_key_env=JUDGE_API_KEY", f"logging.run_dir={tmp_path / 'j'}"])
+    assert rc == 2 and "JUDGE_API_KEY" in capsys.readouterr().err
+
+
+def test_example_configs_build_their_scorer(monkeypatch):
+    from pathlib import Path
+
+    from rubric_fast.rubric import load_rubrics
+    from rubric_fast.trainer.rewards import make_scorer
+
+    monkeypatch.setenv("JUDGE_API_KEY", "test")
+    for p in sorted(Path(DEFAULT_CONFIG).parent.glob("*.yaml")):
+        cfg = load_config(p)
+        make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations).close()
+        assert load_rubrics(cfg.data.path, cfg.data.format), p

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     except (RubricError, FileNotFoundError) as exc:  # the dataset: the message names file, line and key
         print(f"rubric-fast train: data.path: {exc}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # found while building the run (e.g. the judge section)
+        print(f"rubric-fast train: {exc}", file=sys.stderr)
+        return 2
     except (TrainingStopped, ScoringError) as exc:
         print(f"rubric-fast train: stopped: {exc}", file=sys.stderr)
         return 1

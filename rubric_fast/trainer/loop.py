@@ -46,7 +46,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 
 from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, config_to_dict, policy_loss_config
+from .config import ConfigError, TrainConfig, config_to_dict, policy_loss_config
 from .dist import DistInfo, broadcast_parameters, global_sum, init_distributed, is_distributed, sync_gradients
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
@@ -344,7 +344,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
     rubrics = load_rubrics(cfg.data.path, cfg.data.format)
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
     engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout)
-    scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations)
+    try:
+        scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations)
+    except ValueError as exc:  # the scoring factories name the key that is wrong
+        raise ConfigError(f"judge / scoring: {exc}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---- resume
