@@ -124,7 +124,7 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def scaffold_messages(rubric: Rubric, share: float) -> list[dict[str, str]]:
     """RuscaRL: the first round(share * n) criteria of the rubric as a system message before the prompt."""
-    k = int(round(share * len(rubric.criteria)))
+    k = round(share * len(rubric.criteria))
     if k <= 0:
         return rubric.prompt
     lines = "; ".join(c.text for c in rubric.criteria[:k])
@@ -255,36 +255,10 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
 
 
 def make_logger(cfg: TrainConfig, info: DistInfo):
-    try:
-        from .logger import MetricsLogger
-    except ImportError:  # pragma: no cover - the logger is another engineer's module
-        return _JsonlLogger(cfg.logging.run_dir, info.is_main)
+    from .logger import MetricsLogger
+
     return MetricsLogger(cfg.logging.run_dir, is_main=info.is_main, tensorboard=cfg.logging.tensorboard,
                          progress_total=cfg.max_steps if cfg.logging.progress else None)
-
-
-class _JsonlLogger:  # pragma: no cover - fallback only
-    def __init__(self, run_dir, is_main):
-        import json
-
-        self._json, self.is_main = json, is_main
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.f = open(Path(run_dir) / "metrics.jsonl", "a") if is_main else None
-
-    def log(self, step, metrics):
-        if self.f:
-            self.f.write(self._json.dumps({"step": step, **metrics}) + "\n")
-            self.f.flush()
-
-    def log_samples(self, step, rows):
-        pass
-
-    def log_config(self, cfg):
-        pass
-
-    def close(self):
-        if self.f:
-            self.f.close()
 
 
 # ------------------------------------------------------------------------------------------------ the loop
