@@ -23,7 +23,10 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-packages = find_packages(include=["rubric_fast", "rubric_fast.*"]) + ["rubric_fast.kernels"]
+# kernels/ installs as rubric_fast.kernels; examples/ (the embedded default config and rubric datasets) as
+# rubric_fast.examples, so `rubric-fast train` with no config also works from a wheel
+packages = find_packages(include=["rubric_fast", "rubric_fast.*"]) + [
+    "rubric_fast.kernels", "rubric_fast.examples", "rubric_fast.examples.rubrics"]
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 
 
@@ -143,7 +146,7 @@ ext_modules, cmdclass, _strict = _extensions()
 
 setup(
     packages=packages,
-    package_dir={"rubric_fast.kernels": "kernels"},
+    package_dir={"rubric_fast.kernels": "kernels", "rubric_fast.examples": "examples"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

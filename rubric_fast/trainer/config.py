@@ -23,7 +23,10 @@ import yaml
 from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
 from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+# examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
+EXAMPLES_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "examples",
+                                 Path(__file__).resolve().parents[1] / "examples") if (p / "default.yaml").exists()),
+                    Path(__file__).resolve().parents[2] / "examples")
 DEFAULT_DATASET = EXAMPLES_DIR / "default_rubrics.jsonl"
 
 
@@ -69,7 +72,7 @@ class ModelConfig:
 class DataConfig:
     path: str = str(DEFAULT_DATASET)    # a rubric dataset (rubric_fast jsonl, HealthBench, RaR, verl parquet, ...)
     format: str = "auto"                # see rubric_fast.rubric.FORMATS
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8           # for the whole job, split evenly over the ranks (a multiple of the world size)
     shuffle: bool = True
 
 
@@ -143,8 +146,15 @@ class OptimizationConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"               # ddp | fsdp2 (rank / world size come from the torchrun environment)
-    backend: str = "auto"               # auto | nccl | gloo
+    """Rank and world size come from the torchrun environment; these choose how the ranks cooperate."""
+
+    strategy: str = "ddp"               # ddp (replicated, bucketed gradient all-reduce) | fsdp2 (fully_shard)
+    backend: str = "auto"               # auto (nccl on CUDA, else gloo) | nccl | gloo
+    timeout_s: float = 600.0            # every collective; a dead or stuck rank ends the run with an error
+    bucket_mb: float = 25.0             # ddp: gradient all-reduce bucket size (MiB)
+    fsdp_param_dtype: str | None = None     # fsdp2 MixedPrecisionPolicy: compute dtype (null = model.dtype)
+    fsdp_reduce_dtype: str | None = "float32"  # fsdp2: gradient reduce-scatter dtype (null = param dtype)
+    fsdp_reshard_after_forward: bool = True    # fsdp2: free gathered layers after forward (less memory)
 
 
 @dataclass
@@ -200,6 +210,8 @@ CHOICES: dict[str, tuple] = {
     "optimization.schedule": ("constant", "linear", "cosine"),
     "distributed.strategy": ("ddp", "fsdp2"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "distributed.fsdp_param_dtype": (None, "float32", "bfloat16", "float16"),
+    "distributed.fsdp_reduce_dtype": (None, "float32", "bfloat16", "float16"),
 }
 
 # key -> (predicate, description of the accepted values)
@@ -222,6 +234,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "optimization.tokens_per_micro_batch": (lambda v: v >= 1, "an integer >= 1"),
     "optimization.mini_batches": (lambda v: v >= 1, "an integer >= 1"),
     "optimization.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "distributed.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "distributed.bucket_mb": (lambda v: v > 0, "a number of MiB > 0"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.every": (lambda v: v >= 1, "an integer >= 1"),
