@@ -123,7 +123,10 @@ def test_checkpoint_and_resume(tmp_path):
     assert ck == ["step_00000002", "step_00000003"]
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)
     assert state["train_state"]["step"] == 3 and state["train_state"]["policy_version"] >= 1
-    assert {"model", "optimizer", "scheduler", "rng", "train_state", "config"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "train_state", "config", "judge_cache"} <= set(state)
+    per_rank = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "rank_00000.pt", weights_only=False)
+    assert {"rng", "group_counter", "pending"} <= set(per_rank) and {"python", "torch"} <= set(per_rank["rng"])
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "manifest.json").exists()
     r2, rows = run(tmp_path, "max_steps=5", *base)
     assert r2.steps == 5 and [r["step"] for r in rows][-2:] == [4, 5]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004", "step_00000005"]

@@ -14,15 +14,19 @@
         5. log, checkpoint.
 
 Log-prob conventions: the loss's log-probs use the rollout temperature (TRL convention). ``old_logp`` is
-the policy at the start of the update: with ``num_iterations == 1`` it equals ``logp.detach()`` and is
-computed from the same hidden states (one extra no-grad pass through the head only); otherwise a no-grad
-pre-pass computes it before the first iteration. The sampler's log-probs enter only through the truncated
-importance weight ``min(pi_old / pi_sampler, is_cap)`` (stale samples, top-p, rubric scaffolds).
+the policy at the start of the update: with ``num_iterations == 1`` it equals ``logp.detach()``, which the
+fused op takes from its own forward (``old_logp=None``); only the truncated importance weight needs it
+before the loss, and then it comes from the same hidden states (a no-grad pass through the head only).
+With several iterations a no-grad pre-pass computes it before the first one. The sampler's log-probs
+enter only through the truncated importance weight ``min(pi_old / pi_sampler, is_cap)`` (stale samples,
+top-p, rubric scaffolds).
 
-Several processes (torchrun): each rank samples and scores its own slice of the prompts; every loss
-normalizer (token or sequence count) is summed over ranks with ``dist.global_sum``, so the per-rank
-gradients add up to the gradient of the whole batch and are summed with ``dist.sync_gradients`` before
-each optimizer step (no DDP wrapper: the loss bypasses the model's forward to avoid the logits).
+Several processes (torchrun, see ``dist.py`` for the ddp and fsdp2 strategies): ``data.prompts_per_step``
+is global and each rank samples and scores its own slice of the prompts (a group never spans ranks);
+every loss normalizer (token or sequence count) is summed over ranks and over the micro-batches of the
+optimizer step with ``dist.global_sum``, and the top-entropy selection is one ``ops.entropy_mask`` over all
+tokens of all ranks and micro-batches, so the per-rank gradients add up to the gradient of the whole batch.
+Sampling uses a per-rank seed (``seed + rank``); the initial weights are rank 0's.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ from rubric_fast import ops
 from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, load_checkpoint, load_sharded, resolve_resume, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import ConfigError, TrainConfig, config_to_dict, policy_loss_config
-from .dist import DistInfo, broadcast_parameters, global_sum, init_distributed, is_distributed, sync_gradients
+from .dist import (DistInfo, PolicyForward, broadcast_parameters, destroy_distributed, full_tensor, global_max,
+                   global_sum, init_distributed, is_distributed, kill_point, set_sharded_state, shard_fsdp2,
+                   sharded_state, sync_gradients)
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
@@ -80,6 +87,7 @@ class PromptStream:
         self._order = self._make_order()
 
     def take(self, n_global: int, rank: int, n_local: int) -> list[Rubric]:
+        """The next ``n_global`` prompts of the stream (the same on every rank); this rank's ``n_local``."""
         out = []
         for _ in range(n_global):
             if self.index >= len(self._order):
@@ -213,8 +221,19 @@ def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool,
                       t(slp, torch.float32), int(mask.sum()))
 
 
+def padding_micro_batch(pad_id: int, device) -> MicroBatch:
+    """A one-token micro-batch with loss weight 0: fsdp2 ranks with fewer micro-batches run these, because
+    every FSDP forward and backward is a collective that all ranks must join (it adds nothing to the loss)."""
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t([[pad_id, pad_id]], torch.long), t([[1, 1]], torch.long), t([[0, 1]], torch.long),
+                      t([0], torch.long), t([0], torch.long), t([pad_id], torch.long), t([0.0], torch.float32),
+                      t([0.0], torch.float32), t([0], torch.long), t([0.0], torch.float32), 0)
+
+
 def token_hidden(model: nn.Module, mb: MicroBatch):
     """Hidden states at the completion positions [N, H] plus the head's weight and bias: no logits."""
+    if isinstance(model, PolicyForward):  # the (possibly FSDP-sharded) root: one forward gathers everything
+        return model(mb.input_ids, mb.attention_mask, mb.position_ids, mb.rows, mb.cols)
     hidden, weight, bias = hidden_states_and_head(model, mb.input_ids, mb.attention_mask, position_ids=mb.position_ids)
     return hidden[mb.rows, mb.cols], weight, bias
 
@@ -281,9 +300,20 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
-    info = init_distributed(cfg.distributed.backend)
-    if info.world_size > 1 and cfg.distributed.strategy == "fsdp2":
-        raise NotImplementedError("distributed.strategy=fsdp2 is not wired into the loop yet; use ddp")
+    own_group = not is_distributed()
+    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    result = _train_ranks(cfg, info)
+    if own_group:
+        destroy_distributed()  # only after a clean end: after a failure the other ranks may be gone
+    return result
+
+
+def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
+    if cfg.data.prompts_per_step % info.world_size:
+        raise ConfigError(f"data.prompts_per_step: got {cfg.data.prompts_per_step}; it is the global number of "
+                          f"prompts per step and must be a multiple of the world size ({info.world_size})")
+    # one process: nothing to shard, the ddp path is the plain single-device path
+    strategy = cfg.distributed.strategy if info.world_size > 1 else "ddp"
     device = pick_device(cfg.device, info)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # tiny models: more threads only add synchronisation
@@ -291,35 +321,41 @@ def _train(cfg: TrainConfig) -> TrainResult:
     run_dir = Path(cfg.logging.run_dir)
     log = make_logger(cfg, info)
     log.log_config(config_to_dict(cfg))
-    print(f"[rubric_fast] ops backends: {', '.join(ops.available_backends())}; device: {device}; "
-          f"world size {info.world_size}", file=sys.stderr)
+    say = (lambda msg: print(f"[rubric_fast] {msg}", file=sys.stderr)) if info.is_main else (lambda msg: None)
+    say(f"ops backends: {', '.join(ops.available_backends())}; device: {device}; world size {info.world_size}"
+        + (f", strategy {strategy}" if info.world_size > 1 else ""))
 
     # ---- model, reference, optimizer
     tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)
     policy = load_policy(cfg.model, tokenizer, device)
-    # Data parallel without a DDP wrapper: the loss goes through the decoder directly (no logits), and the
-    # normalizers are global, so gradients are summed over ranks once per optimizer step (dist.sync_gradients).
-    model: nn.Module = policy
     a = cfg.algorithm
+    broadcast_parameters(policy)  # rank 0's initial weights everywhere (before any sharding)
     reference = ReferencePolicy(policy, a.reference, cfg.model.lora.enabled) if a.beta > 0 else None
-    broadcast_parameters(policy)
+    # every forward of the loss and (fsdp2) of generation goes through this root module: see dist.py
+    model = PolicyForward(policy)
+    if strategy == "fsdp2":
+        d = cfg.distributed
+        shard_fsdp2(model, param_dtype=d.fsdp_param_dtype, reduce_dtype=d.fsdp_reduce_dtype,
+                    reshard_after_forward=d.fsdp_reshard_after_forward)
     seed_everything(cfg.seed + info.rank)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimization
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                                   weight_decay=o.weight_decay)
     updates_per_step = a.num_iterations * o.mini_batches
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * updates_per_step)
     n_params = sum(p.numel() for p in policy.parameters())
-    print(f"[rubric_fast] policy: {type(policy).__name__}, {n_params / 1e6:.3f}M parameters "
-          f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable)", file=sys.stderr)
+    say(f"policy: {type(policy).__name__}, {n_params / 1e6:.3f}M parameters "
+        f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable)")
 
     # ---- data, rollout engine, scorer
     rubrics = load_rubrics(cfg.data.path, cfg.data.format)
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout)
+    engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout,
+                         via=model if strategy == "fsdp2" else None, synced=strategy == "fsdp2")
     try:
-        scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations)
+        scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations, run_dir=run_dir,
+                             rank=info.rank, world_size=info.world_size)
     except ValueError as exc:  # the scoring factories name the key that is wrong
         raise ConfigError(f"judge / scoring: {exc}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -330,18 +366,26 @@ def _train(cfg: TrainConfig) -> TrainResult:
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     resume_from = resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state, rank_state = load_checkpoint(resume_from, info.rank, info.world_size)
+        if state.get("strategy", "ddp") != strategy:
+            raise CheckpointError(f"checkpoint {resume_from} was written with distributed.strategy="
+                                  f"{state.get('strategy', 'ddp')}; this run uses {strategy}: resume with the same")
+        if strategy == "fsdp2":
+            sharded = sharded_state(model, optimizer)
+            load_sharded(resume_from, sharded)
+            set_sharded_state(model, optimizer, sharded)
+        else:
+            policy.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        ts = state["train_state"]
+        set_rng_state(rank_state["rng"])
+        ts = {**state["train_state"], **rank_state}
         step, policy_version, consecutive_nan = ts["step"], ts["policy_version"], ts["consecutive_nan"]
         counters.update(ts.get("counters", {}))
         stream.seek(ts["data_position"])
-        print(f"[rubric_fast] resumed from {resume_from} at step {step}", file=sys.stderr)
+        say(f"resumed from {resume_from} at step {step}")
 
-    G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step
+    G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step // info.world_size
     group_counter = [0]
     rubric_index = {id(r): i for i, r in enumerate(rubrics)}
     pending: deque[RolloutBatch] = deque()
@@ -359,7 +403,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
         """Generate one step's completions; submit each batch of completions to the scorer at once."""
         t0 = time.perf_counter()
         position = stream.position()
+        epoch = stream.epoch
         batch_rubrics = stream.take(P * info.world_size, info.rank, P)
+        if stream.epoch != epoch:
+            kill_point("epoch", for_step + 1, info.rank)
         gen_prompts, samples, group_ids = [], [], []
         for rubric in batch_rubrics:
             gid = group_counter[0] * info.world_size + info.rank  # unique across ranks
@@ -383,6 +430,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 n_tok += len(c.token_ids)
                 scorer.submit(s.group_id, f"{s.group_id}:{k % G}", s.rubric, c.text)
                 k += 1
+            kill_point("rollout", for_step + 1, info.rank)
         return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0, n_tok)
 
     depth = 2 if cfg.rollout.overlap else 1
@@ -416,7 +464,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
             metrics: dict[str, float] = {}
             rewards = [s.reward for s in batch.samples]
             valid_rewards = [r for r in rewards if r is not None]
-            mean_reward = sum(valid_rewards) / len(valid_rewards) if valid_rewards else float("nan")
+            n_valid = global_sum(len(valid_rewards), device)  # the reward of the whole (global) batch
+            mean_reward = global_sum(sum(valid_rewards), device) / n_valid if n_valid else float("nan")
             train_samples: list[Sample] = []
             if samples:
                 r_t = torch.tensor([float("nan") if s.reward is None else s.reward for s in samples], dtype=torch.float32)
@@ -437,7 +486,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
             # ---- 4. update
             t_up = time.perf_counter()
-            upd = update(cfg, model, policy, reference, optimizer, scheduler, train_samples, pad_id, device)
+            upd = update(cfg, model, reference, optimizer, scheduler, train_samples, pad_id, device, strategy=strategy,
+                         step=step + 1, rank=info.rank)
             update_time = time.perf_counter() - t_up
             if upd["nonfinite"]:
                 consecutive_nan += 1
@@ -467,34 +517,47 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 log.log(step, metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
                 log.log_samples(step, [sample_row(tokenizer, s) for s in batch.samples[:cfg.logging.num_samples]])
-            if info.is_main and ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                                 or (step == cfg.max_steps and cfg.checkpoint.save_final)):
-                # batches generated ahead (overlap) are saved as they are and re-scored on resume, so the
-                # continuation is the same as without the interruption
-                save_checkpoint(ckpt_dir, step, {
-                    "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "train_state": {"step": step, "policy_version": policy_version,
-                                    "data_position": stream.position(), "consecutive_nan": consecutive_nan,
-                                    "counters": dict(counters), "group_counter": group_counter[0],
-                                    "next_rollout_step": next_rollout_step,
-                                    "pending": [batch_to_state(b, rubric_index) for b in pending]},
-                    "config": config_to_dict(cfg)}, keep_last=cfg.checkpoint.keep_last)
+            if ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                    or (step == cfg.max_steps and cfg.checkpoint.save_final)):
+                # batches generated ahead (overlap) are saved as they are and re-scored on resume (the judge
+                # cache answers), so the continuation is the same as without the interruption
+                rank_state = {"rng": rng_state(), "group_counter": group_counter[0],
+                              "next_rollout_step": next_rollout_step,
+                              "pending": [batch_to_state(b, rubric_index) for b in pending]}
+                bundle = None
+                if info.is_main:
+                    bundle = {"scheduler": scheduler.state_dict(), "strategy": strategy,
+                              "world_size": info.world_size, "judge_cache": scorer.cache_path,
+                              "train_state": {"step": step, "policy_version": policy_version,
+                                              "data_position": stream.position(),
+                                              "consecutive_nan": consecutive_nan, "counters": dict(counters)},
+                              "config": config_to_dict(cfg)}
+                    if strategy != "fsdp2":
+                        bundle["model"], bundle["optimizer"] = policy.state_dict(), optimizer.state_dict()
+                save_checkpoint(ckpt_dir, step, bundle, keep_last=cfg.checkpoint.keep_last, rank_state=rank_state,
+                                sharded=sharded_state(model, optimizer) if strategy == "fsdp2" else None,
+                                rank=info.rank, world_size=info.world_size)
     finally:
         scorer.close()
         log.close()
     if os.environ.get("RUBRIC_FAST_DUMP_PARAM_SUM"):  # tests: every rank must hold the same weights
-        checksum = sum(float(p.detach().double().abs().sum()) for p in policy.parameters())
+        checksum = sum(float(full_tensor(p.detach()).double().abs().sum()) for p in policy.parameters())
         print(f"[rubric_fast] rank {info.rank} param checksum {checksum:.10e}", file=sys.stderr)
     return TrainResult(step, rewards_history, str(run_dir), counters["stale_dropped"], counters["nan_steps"])
 
 
-def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: ReferencePolicy | None, optimizer,
-           scheduler, samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
-    """``num_iterations`` passes over the samples, ``mini_batches`` optimizer steps each; returns stats."""
+def update(cfg: TrainConfig, model: nn.Module, reference: ReferencePolicy | None, optimizer, scheduler,
+           samples: list[Sample], pad_id: int, device, *, strategy: str = "ddp", step: int = 0,
+           rank: int = 0) -> dict[str, Any]:
+    """``num_iterations`` passes over the samples, ``mini_batches`` optimizer steps each; returns stats.
+
+    ``model`` is the :class:`PolicyForward` root (FSDP2-sharded with ``strategy="fsdp2"``); a collective
+    call on every rank, also on one with no samples.
+    """
     a, o = cfg.algorithm, cfg.optimization
     out: dict[str, Any] = {"nonfinite": False, "updates": 0, "tokens": 0, "loss_tokens": 0.0, "loss": 0.0,
                            "stats": {}, "entropy": 0.0, "grad_norm": float("nan"), "is_weight": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
     # sequences never split across micro-batches; each mini-batch is one optimizer step
     order = list(range(len(samples)))
     random.Random(cfg.seed + len(samples)).shuffle(order)
@@ -503,9 +566,13 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
     mini_mbs = [[collate(mb, pad_id, device, mask_truncated=a.mask_truncated_completions, seq_offset=k * 100_000)
                  for k, mb in enumerate(pack_micro_batches(mini, o.tokens_per_micro_batch))] if mini else []
                 for mini in minis]
+    if strategy == "fsdp2":  # every FSDP forward/backward is a collective: the same count on every rank
+        for mbs in mini_mbs:
+            mbs.extend(padding_micro_batch(pad_id, device) for _ in range(global_max(len(mbs), device) - len(mbs)))
 
     # old log-probs and the entropy selection come from a no-grad pre-pass when the loss needs them before
-    # the first forward (several iterations: pi_old must stay fixed; top-entropy: one global selection)
+    # the first forward (several iterations: pi_old must stay fixed; top-entropy: one selection over all
+    # tokens of all micro-batches and ranks)
     old_cache: dict[int, torch.Tensor] = {}
     ent_mask_cache: dict[int, torch.Tensor] = {}
     if a.num_iterations > 1 or a.top_entropy_fraction is not None:
@@ -539,7 +606,7 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
             if a.aggregation == "token_mean":
                 norm = n_tok
             elif a.aggregation == "constant":
-                norm = cfg.rollout.max_new_tokens * n_seq
+                norm = cfg.rollout.max_new_tokens * n_seq  # Dr. GRPO: a constant per (global) sequence
             else:
                 norm = n_seq
             if norm <= 0:
@@ -547,22 +614,26 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
             loss_cfg = policy_loss_config(cfg, normalizer=norm)
             optimizer.zero_grad(set_to_none=True)
             bad = False
-            for mb in mbs:
+            for i_mb, mb in enumerate(mbs):
                 h, w, b = token_hidden(model, mb)
                 if id(mb) in old_cache:
                     old = old_cache[id(mb)]
-                else:  # num_iterations == 1: pi_old = the current policy, from the same hidden states
+                elif a.is_cap is not None:  # the IS weight needs pi_old before the loss: head only, no grad
                     with torch.no_grad():
                         old, _, _ = ops.linear_logprob_entropy(h.detach(), w.detach(), mb.targets,
                                                                bias=None if b is None else b.detach(),
                                                                temperature=cfg.rollout.temperature,
                                                                return_entropy=False)
+                else:
+                    old = None  # num_iterations == 1: on-policy, the fused op uses its own log-probs
                 is_weight = (ops.truncated_importance_weight(old, mb.sampler_logp, a.is_cap)
                              if a.is_cap is not None else None)
                 ref = None
                 if reference is not None:
                     with torch.no_grad(), reference.context():
-                        rh, rw, rb = token_hidden(reference.module(), mb)
+                        # lora_base: the policy itself with adapters off, through the (sharded) root
+                        ref_model = model if reference.mode == "lora_base" else reference.module()
+                        rh, rw, rb = token_hidden(ref_model, mb)
                         ref, _, _ = ops.linear_logprob_entropy(rh, rw, mb.targets, bias=rb,
                                                                temperature=cfg.rollout.temperature,
                                                                return_entropy=False)
@@ -570,10 +641,12 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                     h, w, mb.targets, old, mb.advantages, mb.loss_weight, ref_logp=ref, is_weight=is_weight,
                     seq_index=mb.seq_index, entropy_mask=ent_mask_cache.get(id(mb)), config=loss_cfg, bias=b,
                     temperature=cfg.rollout.temperature)
-                if not torch.isfinite(loss):
-                    bad = True
-                    break
+                # no early exit on a non-finite loss: with fsdp2 the backward is a collective; the step is
+                # skipped below on every rank together
+                bad = bad or not bool(torch.isfinite(loss))
                 loss.backward()  # normalizer is global: the per-rank gradients add up to the batch gradient
+                if i_mb == 0:
+                    kill_point("backward", step, rank)
                 tw = float(mb.loss_weight.sum())
                 out["loss"] += float(loss.detach())
                 out["tokens"] += mb.n_tokens
@@ -584,13 +657,14 @@ def update(cfg: TrainConfig, model: nn.Module, policy: nn.Module, reference: Ref
                     entropy_sum += float((ent.detach() * (mb.loss_weight != 0)).sum())
                 if is_weight is not None:
                     is_sum += float((is_weight * (mb.loss_weight != 0)).sum())
-            params = [p for p in policy.parameters() if p.requires_grad]
             if global_sum(float(bad), device) > 0:  # every rank skips together
                 optimizer.zero_grad(set_to_none=True)
                 out["nonfinite"] = True
                 return out
-            sync_gradients(params)
+            if strategy == "ddp":  # fsdp2 reduce-scattered the gradients during backward
+                sync_gradients(params, cfg.distributed.bucket_mb)
             gn = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip is not None else float("inf"))
+            gn = full_tensor(gn)
             if not torch.isfinite(gn):
                 optimizer.zero_grad(set_to_none=True)
                 out["nonfinite"] = True

@@ -2,14 +2,23 @@
 
 ``make_scorer`` builds ``rubric_fast.scoring.ScoringService`` (judge calls on a background event loop, so
 generation continues while earlier completions are graded) from the ``judge`` / ``scoring`` config
-sections, passed through unchanged (their keys: rubric_fast/scoring/__init__.py), and adapts it to the
-loop's submit / collect / metrics (:class:`ServiceScorer`). A group is complete when every member has a
+sections (their keys: rubric_fast/scoring/__init__.py), and adapts it to the loop's submit / collect /
+metrics (:class:`ServiceScorer`). Two things are set per rank:
+
+* budgets: ``judge.concurrency``, ``judge.rpm`` and ``judge.tpm`` are for the whole job; with W ranks each
+  rank's pool gets 1/W of each (concurrency rounded down, at least 1), so all ranks together stay within
+  the limits of the judge endpoints;
+* the verdict cache: ``scoring.cache_path`` defaults to ``<run_dir>/judge_cache/rank_{rank}.sqlite`` (one
+  SQLite file per rank: no writer contention, and safe on a shared file system); a configured path may
+  contain ``{rank}``; ``cache_path: null`` turns the cache off. A resumed run regenerates the same
+  completions on the same rank, so verdicts already paid for are served from the cache. A group is complete when every member has a
 reward or has failed (reward None: never turned into 0; the advantage op excludes it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rubric_fast.judges.base import Verdict
@@ -32,6 +41,7 @@ class ServiceScorer:
     def __init__(self, service, group_size: int):
         self.service = service
         self.group_size = group_size
+        self.cache_path: str | None = None  # where this rank's verdicts are cached (recorded in checkpoints)
         self._ready: dict[Any, Any] = {}
         self._order: dict[Any, list[str]] = {}
 
@@ -61,7 +71,8 @@ class ServiceScorer:
         for src, dst in (("latency_p50_s", "judge/latency_p50"), ("latency_p95_s", "judge/latency_p95"),
                          ("error_rate", "judge/error_rate"), ("rollouts_failed", "judge/errors"),
                          ("groups_dropped", "judge/groups_dropped"), ("cache_hit_rate", "judge/cache_hit_rate"),
-                         ("judge_requests", "judge/requests"), ("tokens", "judge/tokens")):
+                         ("judge_requests", "judge/requests"), ("tokens", "judge/tokens"),
+                         ("verdicts_requested", "judge/verdicts_requested"), ("cache_hits", "judge/cache_hits")):
             v = m.get(src)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[dst] = float(v)
@@ -71,13 +82,36 @@ class ServiceScorer:
         self.service.close()
 
 
-def make_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any], group_size: int) -> ServiceScorer:
-    """ScoringService from the ``judge`` / ``scoring`` config sections (passed through unchanged)."""
+BUDGET_KEYS = ("concurrency", "rpm", "tpm")
+
+
+def rank_share(judge_cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The judge config with this rank's share (1/world_size) of the job's concurrency / rpm / tpm."""
+    judge = dict(judge_cfg)
+    if world_size > 1:
+        for key in BUDGET_KEYS:
+            v = judge.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                judge[key] = max(1, int(v) // world_size) if key == "concurrency" else v / world_size
+    return judge
+
+
+def make_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any], group_size: int, *,
+                run_dir: str | Path | None = None, rank: int = 0, world_size: int = 1) -> ServiceScorer:
+    """ScoringService from the ``judge`` / ``scoring`` config sections, with this rank's budget and cache."""
     from rubric_fast.scoring import build_service
 
     judge = dict(judge_cfg or {})
     if "kind" in judge and "type" not in judge:  # accept the older spelling
         judge["type"] = judge.pop("kind")
+    judge = rank_share(judge, world_size)
+    scoring = dict(scoring_cfg or {})
+    if "cache_path" not in scoring and run_dir is not None:
+        scoring["cache_path"] = str(Path(run_dir) / "judge_cache" / "rank_{rank}.sqlite")
+    if scoring.get("cache_path"):
+        scoring["cache_path"] = str(scoring["cache_path"]).replace("{rank}", str(rank))
     # every group comes back, even one with too few valid members (its rewards are then excluded)
-    config = {"deliver_dropped": True, **(scoring_cfg or {}), "judge": judge, "group_size": group_size}
-    return ServiceScorer(build_service(config), group_size)
+    config = {"deliver_dropped": True, **scoring, "judge": judge, "group_size": group_size}
+    scorer = ServiceScorer(build_service(config), group_size)
+    scorer.cache_path = scoring.get("cache_path")
+    return scorer

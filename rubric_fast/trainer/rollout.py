@@ -36,11 +36,18 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """``model.generate`` with sampling; the policy being trained is the sampler (no weight sync)."""
+    """``model.generate`` with sampling; the policy being trained is the sampler (no weight sync).
+
+    ``via``: a root module whose ``forward(ids, mask, generate={...})`` calls ``generate`` (the FSDP2 root,
+    which must gather its parameters around the call); ``synced``: keep stepping until every rank is done
+    (``synced_gpus``), because each forward of a sharded model is a collective.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 64):
+                 top_p: float = 1.0, top_k: int = 0, batch_size: int = 64, via: nn.Module | None = None,
+                 synced: bool = False):
         self.model = model
+        self.via, self.synced = via, synced
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -70,11 +77,16 @@ class HFRolloutEngine:
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start:start + self.batch_size]
                 ids, mask = self._left_pad(chunk, device)
-                out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else None,
-                    max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                    output_scores=True, return_dict_in_generate=True, use_cache=True)
+                kw = dict(do_sample=True, temperature=self.temperature,
+                          top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else None,
+                          max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                          output_scores=True, return_dict_in_generate=True, use_cache=True)
+                if self.synced:
+                    kw["synced_gpus"] = True
+                if self.via is not None:
+                    out = self.via(ids, mask, generate=kw)
+                else:
+                    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
                 new = out.sequences[:, ids.shape[1]:]
                 # log-softmax of the processed scores (temperature, top-k, top-p applied) at the drawn token
                 logps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
@@ -93,9 +105,10 @@ class HFRolloutEngine:
         return Completion(prompt_ids=list(prompt), token_ids=toks, sampler_logp=lp, finished=finished, text=text)
 
 
-def make_engine(name: str, model: nn.Module, tokenizer, rollout_cfg) -> RolloutEngine:
+def make_engine(name: str, model: nn.Module, tokenizer, rollout_cfg, *, via: nn.Module | None = None,
+                synced: bool = False) -> RolloutEngine:
     if name == "hf":
         return HFRolloutEngine(model, tokenizer, max_new_tokens=rollout_cfg.max_new_tokens,
                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                               top_k=rollout_cfg.top_k, batch_size=rollout_cfg.batch_size)
+                               top_k=rollout_cfg.top_k, batch_size=rollout_cfg.batch_size, via=via, synced=synced)
     raise ValueError(f"rollout.engine: got {name!r}; accepted: hf")
