@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"rubric-fast train: {exc}", file=sys.stderr)
         return 2
+    from torch.distributed import DistError
+
+    from .checkpoint import CheckpointError
     from .loop import TrainingStopped, train
 
     try:
@@ -51,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except (TrainingStopped, ScoringError) as exc:
         print(f"rubric-fast train: stopped: {exc}", file=sys.stderr)
+        return 1
+    except CheckpointError as exc:
+        print(f"rubric-fast train: {exc}", file=sys.stderr)
+        return 2
+    except DistError as exc:  # a rank died, or a collective ran past distributed.timeout_s
+        print(f"rubric-fast train: stopped on rank {dist_info().rank}: a collective failed (another rank died, "
+              f"or it ran past distributed.timeout_s): {exc}", file=sys.stderr)
         return 1
     if dist_info().rank != 0:
         return 0

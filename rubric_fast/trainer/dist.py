@@ -189,7 +189,10 @@ def shard_fsdp2(root: PolicyForward, *, param_dtype: str | None, reduce_dtype: s
     for layer in decoder_layers(root.policy):
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(root, mp_policy=mp)
-    root.set_gradient_divide_factor(1.0)  # the loss is divided by the global count already
+    for m in root.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)  # the loss is divided by the global count already
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return root
 
 
