@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 
 from .config import EXAMPLES_DIR, ConfigError, load_config
 from .dist import dist_info
 
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
+# what gloo / NCCL say when a peer is gone or a collective timed out (gloo raises a plain RuntimeError)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection closed|connection reset|timed out|timeout", re.I)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"rubric-fast train: {exc}", file=sys.stderr)
         return 2
-    except DistError as exc:  # a rank died, or a collective ran past distributed.timeout_s
+    except RuntimeError as exc:  # a rank died, or a collective ran past distributed.timeout_s
+        if not (isinstance(exc, DistError) or (dist_info().world_size > 1 and _COLLECTIVE_FAILURE.search(str(exc)))):
+            raise
         print(f"rubric-fast train: stopped on rank {dist_info().rank}: a collective failed (another rank died, "
               f"or it ran past distributed.timeout_s): {exc}", file=sys.stderr)
         return 1
