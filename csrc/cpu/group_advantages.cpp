@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
     adv[i] = std_used > 0 ? c / (std_used + eps) : c;
   }
 
-  at::Tensor adv_t = at::empty({B}, rewards.options().dtype(out_dtype));
+  at::Tensor adv_t = rubric_fast::new_output({B}, rewards.options().dtype(out_dtype));
   at::Tensor valid_t = at::empty({B}, rewards.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(adv_t.scalar_type(), "group_advantages_cpu_out", [&] {
     scalar_t* a = adv_t.data_ptr<scalar_t>();

@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
 
   const auto out_dtype = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logp.options().dtype(out_dtype);
-  at::Tensor grad_logp = at::empty({N}, opts), grad_entropy = at::empty({N}, opts);
+  at::Tensor grad_logp = rubric_fast::new_output({N}, opts), grad_entropy = rubric_fast::new_output({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "policy_loss_cpu_grads", [&] {
     scalar_t* gp = grad_logp.data_ptr<scalar_t>();
     scalar_t* ge = grad_entropy.data_ptr<scalar_t>();
@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   });
   at::Tensor loss_t = at::scalar_tensor(loss, opts);
   const double denom = n_tok > 0 ? double(n_tok) : 1.0;
-  at::Tensor stats = at::empty({4}, logp.options().dtype(at::kFloat));
+  at::Tensor stats = rubric_fast::new_output({4}, logp.options().dtype(at::kFloat));
   float* st = stats.data_ptr<float>();
   st[0] = float(double(n_lo) / denom);
   st[1] = float(double(n_hi) / denom);

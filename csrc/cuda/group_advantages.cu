@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& rewar
   RF_CUDA_DEVICE_GUARD(rewards);
 
   const auto out_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor adv = at::empty({b}, rewards.options().dtype(out_dtype));
+  at::Tensor adv = rubric_fast::new_output({b}, rewards.options().dtype(out_dtype));
   at::Tensor valid = at::empty({b}, rewards.options().dtype(at::kBool));
   if (b == 0) return {adv, valid};
 
