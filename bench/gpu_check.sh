@@ -51,5 +51,10 @@ if [ "$BENCH_RC" != 0 ] && [ -f "$OUT/bench.md" ]; then
   cat "$OUT/bench.md"
 fi
 
+stamp "train-step benchmark: Qwen2-0.5B shape from its config (no weights), fused vs materialized logits"
+timeout 90 "$PY" bench/bench_train.py --device cuda --dtype bfloat16 --model qwen2-0.5b --n-seqs 64 \
+    --prompt-len 256 --completion-len 768 --token-budget 16384 --iters 3 2>&1 | tee "$OUT/bench_train.txt" \
+    || echo "train-step benchmark did not finish"
+
 stamp "done: gpu tests rc=$TEST_RC, selfcheck rc=$SELF_RC, bench rc=$BENCH_RC; outputs in $OUT"
 [ "$TEST_RC" = 0 ] && [ "$SELF_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
