@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from rubric_fast.trainer.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, resolve_resume,
-                                            save_checkpoint)
+from rubric_fast.trainer.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 
 
 def test_incomplete_checkpoints_are_skipped_or_refused(tmp_path, capsys):

@@ -90,8 +90,8 @@ def final_weights(tmp_path: Path, run: str, step: int = 6) -> dict[str, torch.Te
 
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k}: max diff {float((a[k] - b[k]).abs().max())}"
+    for k, t in a.items():
+        assert torch.equal(t, b[k]), f"{k}: max diff {float((t - b[k]).abs().max())}"
 
 
 def kill_and_resume(tmp_path: Path, run: str, kill: str, *extra: str):

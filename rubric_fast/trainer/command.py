@@ -16,7 +16,7 @@ from .dist import dist_info
 
 DEFAULT_CONFIG = EXAMPLES_DIR / "default.yaml"
 # what gloo / NCCL say when a peer is gone or a collective timed out (gloo raises a plain RuntimeError)
-_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection closed|connection reset|timed out|timeout", re.I)
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection closed|connection reset|timed out|timeout", re.IGNORECASE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

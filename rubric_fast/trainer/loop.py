@@ -49,12 +49,32 @@ from rubric_fast import ops
 from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 
-from .checkpoint import (CheckpointError, load_checkpoint, load_sharded, resolve_resume, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_sharded,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import ConfigError, TrainConfig, config_to_dict, policy_loss_config
-from .dist import (DistInfo, PolicyForward, broadcast_parameters, destroy_distributed, full_tensor, global_max,
-                   global_sum, init_distributed, is_distributed, kill_point, set_sharded_state, shard_fsdp2,
-                   sharded_state, sync_gradients)
+from .dist import (
+    DistInfo,
+    PolicyForward,
+    broadcast_parameters,
+    destroy_distributed,
+    full_tensor,
+    global_max,
+    global_sum,
+    init_distributed,
+    is_distributed,
+    kill_point,
+    set_sharded_state,
+    shard_fsdp2,
+    sharded_state,
+    sync_gradients,
+)
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine

@@ -77,10 +77,10 @@ class HFRolloutEngine:
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start:start + self.batch_size]
                 ids, mask = self._left_pad(chunk, device)
-                kw = dict(do_sample=True, temperature=self.temperature,
-                          top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else None,
-                          max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                          output_scores=True, return_dict_in_generate=True, use_cache=True)
+                kw = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                      "top_k": self.top_k if self.top_k > 0 else None, "max_new_tokens": self.max_new_tokens,
+                      "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "output_scores": True,
+                      "return_dict_in_generate": True, "use_cache": True}
                 if self.synced:
                     kw["synced_gpus"] = True
                 if self.via is not None:
