@@ -21,6 +21,7 @@
 
 #include "rubric_fast/checks.h"
 #include "rubric_fast/cuda_utils.cuh"
+#include "rubric_fast/policy_loss_checks.h"
 #include "rubric_fast/policy_loss_math.h"
 
 namespace rubric_fast {
@@ -168,29 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
   if (is_weight) check_token_tensor(*is_weight, "is_weight", logp, n, false);
   if (entropy) check_token_tensor(*entropy, "entropy", logp, n, false);
   if (entropy_mask) check_token_tensor(*entropy_mask, "entropy_mask", logp, n, true);
-  TORCH_CHECK(loss_type >= 0 && loss_type <= 3, kOp,
-              ": argument 'loss_type' must be 0 (ppo_clip), 1 (cispo), 2 (sapo) or 3 (gspo), got ", loss_type);
-  TORCH_CHECK(kl_type >= 0 && kl_type <= 2, kOp, ": argument 'kl_type' must be 0 (k1), 1 (k2) or 2 (k3), got ",
-              kl_type);
-  TORCH_CHECK(aggregation >= 0 && aggregation <= 3, kOp,
-              ": argument 'aggregation' must be 0 (token_mean), 1 (seq_mean_token_mean), 2 (seq_mean_token_sum) "
-              "or 3 (constant), got ",
-              aggregation);
-  TORCH_CHECK(aggregation != kConstant || normalizer > 0, kOp,
-              ": aggregation=constant (Dr. GRPO) needs argument 'normalizer' > 0, got ", normalizer);
-  TORCH_CHECK(loss_type != kSapo || (sapo_tau_pos > 0 && sapo_tau_neg > 0), kOp,
-              ": arguments 'sapo_tau_pos' and 'sapo_tau_neg' must be > 0");
+  check_policy_loss_args(kOp, logp, n, seq_index, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
+                         sapo_tau_neg);
   const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
-  TORCH_CHECK(!needs_seq || seq_index.has_value(), kOp,
-              ": argument 'seq_index' is required for loss_type=gspo and for the seq_mean_token_mean / "
-              "seq_mean_token_sum aggregations");
-  if (seq_index) {
-    const at::Tensor& si = *seq_index;
-    TORCH_CHECK(si.dim() == 1 && si.size(0) == n, kOp, ": argument 'seq_index' must have shape [", n, "], got ",
-                si.sizes());
-    TORCH_CHECK(si.scalar_type() == at::kLong, kOp, ": argument 'seq_index' must be int64, got ", si.scalar_type());
-    TORCH_CHECK(si.device() == logp.device(), kOp, ": argument 'seq_index' must be on ", logp.device());
-  }
   RF_CUDA_DEVICE_GUARD(logp);
 
   const auto ct = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,0 +1,43 @@
+// Host-side argument checks of policy_loss_native shared by the CPU and CUDA implementations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "rubric_fast/checks.h"
+#include "rubric_fast/policy_loss_math.h"
+
+namespace rubric_fast {
+
+// Scalar arguments and seq_index of policy_loss_native, checked the same way on CPU and CUDA.
+inline void check_policy_loss_args(const char* kOp, const at::Tensor& logp, int64_t n,
+                                   const std::optional<at::Tensor>& seq_index, int64_t loss_type, int64_t kl_type,
+                                   int64_t aggregation, double normalizer, double sapo_tau_pos, double sapo_tau_neg) {
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 3, kOp,
+              ": argument 'loss_type' must be 0 (ppo_clip), 1 (cispo), 2 (sapo) or 3 (gspo), got ", loss_type);
+  TORCH_CHECK(kl_type >= 0 && kl_type <= 2, kOp, ": argument 'kl_type' must be 0 (k1), 1 (k2) or 2 (k3), got ",
+              kl_type);
+  TORCH_CHECK(aggregation >= 0 && aggregation <= 3, kOp,
+              ": argument 'aggregation' must be 0 (token_mean), 1 (seq_mean_token_mean), 2 (seq_mean_token_sum) "
+              "or 3 (constant), got ",
+              aggregation);
+  TORCH_CHECK(aggregation != kConstant || normalizer > 0, kOp,
+              ": aggregation=constant (Dr. GRPO) needs argument 'normalizer' > 0, got ", normalizer);
+  TORCH_CHECK(loss_type != kSapo || (sapo_tau_pos > 0 && sapo_tau_neg > 0), kOp,
+              ": arguments 'sapo_tau_pos' and 'sapo_tau_neg' must be > 0");
+  const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
+  TORCH_CHECK(!needs_seq || seq_index.has_value(), kOp,
+              ": argument 'seq_index' is required for loss_type=gspo and for the seq_mean_token_mean / "
+              "seq_mean_token_sum aggregations");
+  if (seq_index) {
+    const at::Tensor& si = *seq_index;
+    TORCH_CHECK(si.dim() == 1 && si.size(0) == n, kOp, ": argument 'seq_index' must have shape [", n, "], got ",
+                si.sizes());
+    TORCH_CHECK(si.scalar_type() == at::kLong, kOp, ": argument 'seq_index' must be int64, got ", si.scalar_type());
+    TORCH_CHECK(si.device() == logp.device(), kOp, ": argument 'seq_index' must be on ", logp.device());
+  }
+}
+
+}  // namespace rubric_fast
