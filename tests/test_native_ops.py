@@ -336,7 +336,9 @@ def test_linear_logprob_entropy_fwd_bwd_match_reference(n, v, h, bias, temperatu
         assert got.dtype == base.dtype and not torch.isnan(got).any(), name
         err = (got.double() - want).abs().max().item()
         base_err = (base.double() - want).abs().max().item()
-        assert err <= 3 * base_err + 1e-5, f"{name}: native error {err:.3g} vs torch fp32 error {base_err:.3g}"
+        # atol scales with the gradient: a chance-small torch error must not make the bound flaky
+        atol = 2e-5 * max(1.0, want.abs().max().item())
+        assert err <= 3 * base_err + atol, f"{name}: native error {err:.3g} vs torch fp32 error {base_err:.3g}"
 
 
 def test_linear_logprob_entropy_bwd_returns_empty_for_unneeded_grads():
