@@ -96,8 +96,8 @@ def scorer_config(config: Any) -> tuple[dict[str, Any] | None, ScorerConfig]:
     return judge_cfg, cfg
 
 
-def build_scorer(config: Any, *, judge=None, cache=None) -> StreamingScorer:
-    """Async scorer from ``{judge: {...}, min_valid: ..., ...}``; pass ``judge=`` to use your own judge."""
+def _judge_and_config(config: Any, judge):
+    """The scorer config and the judge (built from the config's ``judge`` mapping unless one is given)."""
     judge_cfg, cfg = scorer_config(config)
     if judge is None:
         if judge_cfg is None:
@@ -105,18 +105,18 @@ def build_scorer(config: Any, *, judge=None, cache=None) -> StreamingScorer:
         judge = build_judge(judge_cfg, guard=False)
         if "guard" in judge_cfg and cfg.guard is True:
             cfg.guard = judge_cfg["guard"]
+    return judge, cfg
+
+
+def build_scorer(config: Any, *, judge=None, cache=None) -> StreamingScorer:
+    """Async scorer from ``{judge: {...}, min_valid: ..., ...}``; pass ``judge=`` to use your own judge."""
+    judge, cfg = _judge_and_config(config, judge)
     return StreamingScorer(judge, cfg, cache=cache)
 
 
 def build_service(config: Any, *, judge=None, cache=None) -> ScoringService:
     """Synchronous :class:`ScoringService` (background event loop) from the same config as build_scorer."""
-    judge_cfg, cfg = scorer_config(config)
-    if judge is None:
-        if judge_cfg is None:
-            raise ValueError("scorer config: missing 'judge' mapping (e.g. {type: rule})")
-        judge = build_judge(judge_cfg, guard=False)
-        if "guard" in judge_cfg and cfg.guard is True:
-            cfg.guard = judge_cfg["guard"]
+    judge, cfg = _judge_and_config(config, judge)
     return ScoringService(judge, cfg, cache=cache)
 
 
