@@ -52,29 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   RF_CHECK_FLOAT(kOp, logp);
   TORCH_CHECK(logp.dim() == 1, kOp, ": argument 'logp' must be 1-D [N], got ", logp.sizes());
   const int64_t N = logp.size(0);
-  auto check_float_1d = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, kOp, ": argument '", name, "' must have shape [", N, "], got ",
-                t.sizes());
-    TORCH_CHECK(is_float_dtype(t.scalar_type()), kOp, ": argument '", name,
-                "' must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == logp.device(), kOp, ": argument '", name, "' must be on ", logp.device(), ", got ",
-                t.device());
-  };
-  check_float_1d(old_logp, "old_logp");
-  check_float_1d(advantages, "advantages");
-  check_float_1d(loss_weight, "loss_weight");
-  if (ref_logp) check_float_1d(*ref_logp, "ref_logp");
-  if (is_weight) check_float_1d(*is_weight, "is_weight");
-  if (entropy) check_float_1d(*entropy, "entropy");
-  if (entropy_mask) {
-    const at::Tensor& em = *entropy_mask;
-    TORCH_CHECK(em.dim() == 1 && em.size(0) == N, kOp, ": argument 'entropy_mask' must have shape [", N,
-                "], got ", em.sizes());
-    TORCH_CHECK(em.scalar_type() == at::kBool || is_float_dtype(em.scalar_type()), kOp,
-                ": argument 'entropy_mask' must be bool or floating point, got ", em.scalar_type());
-    TORCH_CHECK(em.device() == logp.device(), kOp, ": argument 'entropy_mask' must be on ", logp.device());
-  }
-  check_policy_loss_args(kOp, logp, N, seq_index, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
+  check_policy_loss_args(kOp, logp, N, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
+                         entropy_mask, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
                          sapo_tau_neg);
   const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
 

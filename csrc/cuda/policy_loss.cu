@@ -141,16 +141,6 @@ __global__ void scale_grads_kernel(const acc_t* __restrict__ w, const int64_t* _
   }
 }
 
-void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor& logp, int64_t n, bool allow_bool) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, kOp, ": argument '", name, "' must have shape [", n, "], got ",
-              t.sizes());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool), kOp, ": argument '",
-              name, allow_bool ? "' must be bool or floating point, got " : "' must be floating point, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == logp.device(), kOp, ": argument '", name, "' must be on ", logp.device(), ", got ",
-              t.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& loss_weight,
     const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& is_weight,
@@ -162,14 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
   RF_CHECK_FLOAT(kOp, logp);
   TORCH_CHECK(logp.dim() == 1, kOp, ": argument 'logp' must be 1-D [N], got ", logp.sizes());
   const int64_t n = logp.size(0);
-  check_token_tensor(old_logp, "old_logp", logp, n, false);
-  check_token_tensor(advantages, "advantages", logp, n, false);
-  check_token_tensor(loss_weight, "loss_weight", logp, n, false);
-  if (ref_logp) check_token_tensor(*ref_logp, "ref_logp", logp, n, false);
-  if (is_weight) check_token_tensor(*is_weight, "is_weight", logp, n, false);
-  if (entropy) check_token_tensor(*entropy, "entropy", logp, n, false);
-  if (entropy_mask) check_token_tensor(*entropy_mask, "entropy_mask", logp, n, true);
-  check_policy_loss_args(kOp, logp, n, seq_index, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
+  check_policy_loss_args(kOp, logp, n, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
+                         entropy_mask, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
                          sapo_tau_neg);
   const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
   RF_CUDA_DEVICE_GUARD(logp);

@@ -11,10 +11,34 @@
 
 namespace rubric_fast {
 
-// Scalar arguments and seq_index of policy_loss_native, checked the same way on CPU and CUDA.
-inline void check_policy_loss_args(const char* kOp, const at::Tensor& logp, int64_t n,
-                                   const std::optional<at::Tensor>& seq_index, int64_t loss_type, int64_t kl_type,
+// One per-token tensor argument: shape [n], a floating dtype (or bool where allowed), on logp's device.
+inline void check_token_tensor(const char* kOp, const at::Tensor& t, const char* name, const at::Tensor& logp,
+                               int64_t n, bool allow_bool) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, kOp, ": argument '", name, "' must have shape [", n, "], got ",
+              t.sizes());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()) || (allow_bool && t.scalar_type() == at::kBool), kOp, ": argument '",
+              name, allow_bool ? "' must be bool or floating point, got " : "' must be floating point, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == logp.device(), kOp, ": argument '", name, "' must be on ", logp.device(), ", got ",
+              t.device());
+}
+
+// Every argument of policy_loss_native but logp itself, checked the same way on CPU and CUDA.
+inline void check_policy_loss_args(const char* kOp, const at::Tensor& logp, int64_t n, const at::Tensor& old_logp,
+                                   const at::Tensor& advantages, const at::Tensor& loss_weight,
+                                   const std::optional<at::Tensor>& ref_logp,
+                                   const std::optional<at::Tensor>& is_weight,
+                                   const std::optional<at::Tensor>& seq_index,
+                                   const std::optional<at::Tensor>& entropy,
+                                   const std::optional<at::Tensor>& entropy_mask, int64_t loss_type, int64_t kl_type,
                                    int64_t aggregation, double normalizer, double sapo_tau_pos, double sapo_tau_neg) {
+  check_token_tensor(kOp, old_logp, "old_logp", logp, n, false);
+  check_token_tensor(kOp, advantages, "advantages", logp, n, false);
+  check_token_tensor(kOp, loss_weight, "loss_weight", logp, n, false);
+  if (ref_logp) check_token_tensor(kOp, *ref_logp, "ref_logp", logp, n, false);
+  if (is_weight) check_token_tensor(kOp, *is_weight, "is_weight", logp, n, false);
+  if (entropy) check_token_tensor(kOp, *entropy, "entropy", logp, n, false);
+  if (entropy_mask) check_token_tensor(kOp, *entropy_mask, "entropy_mask", logp, n, true);
   TORCH_CHECK(loss_type >= 0 && loss_type <= 3, kOp,
               ": argument 'loss_type' must be 0 (ppo_clip), 1 (cispo), 2 (sapo) or 3 (gspo), got ", loss_type);
   TORCH_CHECK(kl_type >= 0 && kl_type <= 2, kOp, ": argument 'kl_type' must be 0 (k1), 1 (k2) or 2 (k3), got ",
