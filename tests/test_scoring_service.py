@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from judge_server import Faults, JudgeServer, default_verdict  # noqa: E402
 
-from rubric_fast.judges import CountingJudge, RuleJudge, Verdict  # noqa: E402
+from rubric_fast.judges import CountingJudge, Verdict  # noqa: E402
 from rubric_fast.rubric import Aggregation, Criterion, Rubric, load_rubrics  # noqa: E402
 from rubric_fast.scoring import (  # noqa: E402
     ScorerConfig,
