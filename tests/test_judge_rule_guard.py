@@ -130,3 +130,19 @@ def test_guarded_judge_wrapper_marks_penalties_met():
     judge = GuardedJudge(_AlwaysGood())
     vs = asyncio.run(judge.grade(JudgeRequest("x", [], "Solution:", CRITERIA)))
     assert [v.score for v in vs] == [0.0, 1.0, 0.0, 0.0] and judge.inner.calls == 0
+
+
+def test_math_parsing_never_calls_eval(monkeypatch):
+    import builtins
+
+    from rubric_fast.judges.rule import math_equal, parse_math
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("eval was called on data")
+
+    monkeypatch.setattr(builtins, "eval", no_eval)
+    assert math_equal("\\frac{1}{2}", "0.5") and math_equal("2x+2", "2(x+1)") and not math_equal("3", "4")
+    assert str(parse_math("3(x+1)^2")) == "3*(x + 1)**2"
+    for bad in ("x.y", "2^(9999)", "open(1)", "x[0]"):
+        with pytest.raises(ValueError):
+            parse_math(bad)

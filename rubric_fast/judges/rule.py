@@ -22,6 +22,7 @@ with ``__builtins__`` removed and only the whitelisted sympy functions in scope.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -119,8 +120,8 @@ def parse_math(text: str):
     from sympy.parsing.sympy_parser import (
         convert_xor,
         implicit_multiplication,
-        parse_expr,
         standard_transformations,
+        stringify_expr,
     )
 
     s = _latex_to_plain(text)
@@ -143,19 +144,63 @@ def parse_math(text: str):
         if len(name) > 1:  # only whitelisted functions/constants and single-letter symbols
             raise ValueError(f"name not allowed in a math answer: {name!r}")
         local[name] = sympy.Symbol(name)
-    safe_globals: dict[str, Any] = {"__builtins__": {}, "Integer": sympy.Integer, "Float": sympy.Float,
-                                    "Rational": sympy.Rational, "Symbol": sympy.Symbol,
-                                    # evaluate=False rewrites operators into these constructors
-                                    "Add": sympy.Add, "Mul": sympy.Mul, "Pow": sympy.Pow}
+    constructors = {"Integer": sympy.Integer, "Float": sympy.Float, "Rational": sympy.Rational}
+    functions: dict[str, Any] = {}
     for f in _MATH_FUNCS:
-        safe_globals[f] = {"ln": sympy.log, "E": sympy.E, "I": sympy.I, "oo": sympy.oo}.get(f) or getattr(sympy, f)
-    local.update({k: safe_globals[k] for k in ("E", "I")})
+        functions[f] = {"ln": sympy.log, "E": sympy.E, "I": sympy.I, "oo": sympy.oo}.get(f) or getattr(sympy, f)
     transformations = standard_transformations + (implicit_multiplication, convert_xor)
     try:
-        return parse_expr(s, local_dict=local, global_dict=safe_globals, transformations=transformations,
-                          evaluate=False)
-    except Exception as exc:  # sympy raises many types for junk input
+        # sympy only tokenizes and rewrites here (implicit multiplication, ^, number literals); the result
+        # is parsed with ast and built node by node from the whitelist: nothing from the data is eval'd
+        code = stringify_expr(s, dict(local), {**constructors, **functions}, transformations)
+        return _build_math(ast.parse(code.strip(), mode="eval").body, local, constructors, functions)
+    except (SyntaxError, TypeError, ValueError, ArithmeticError, RecursionError) as exc:
         raise ValueError(f"cannot parse math answer {text!r}: {type(exc).__name__}") from None
+
+
+_MAX_EXPONENT = 1000
+
+
+def _build_math(node, symbols: dict[str, Any], constructors: dict[str, Any], functions: dict[str, Any]):
+    """A sympy expression from the ast of sympy's rewritten math text, allowing only arithmetic, number
+    literals, single-letter symbols and the whitelisted functions and constants."""
+    import sympy
+
+    def build(n):
+        if isinstance(n, ast.BinOp):
+            left, right = build(n.left), build(n.right)
+            if isinstance(n.op, ast.Add):
+                return sympy.Add(left, right, evaluate=False)
+            if isinstance(n.op, ast.Sub):
+                return sympy.Add(left, sympy.Mul(-1, right, evaluate=False), evaluate=False)
+            if isinstance(n.op, ast.Mult):
+                return sympy.Mul(left, right, evaluate=False)
+            if isinstance(n.op, ast.Div):
+                return sympy.Mul(left, sympy.Pow(right, -1, evaluate=False), evaluate=False)
+            if isinstance(n.op, ast.Pow):
+                if right.is_number and abs(complex(right)) > _MAX_EXPONENT:
+                    raise ValueError("exponent too large")
+                return sympy.Pow(left, right, evaluate=False)
+        elif isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            v = build(n.operand)
+            return sympy.Mul(-1, v, evaluate=False) if isinstance(n.op, ast.USub) else v
+        elif isinstance(n, ast.Name):
+            if n.id in symbols:
+                return symbols[n.id]
+            if n.id in functions and not callable(functions[n.id]):
+                return functions[n.id]  # pi, E, I, oo
+            if n.id in functions and isinstance(functions[n.id], sympy.Basic):
+                return functions[n.id]
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and not n.keywords:
+            name = n.func.id
+            if name in constructors and all(isinstance(a, ast.Constant) and isinstance(a.value, (int, str))
+                                            for a in n.args):
+                return constructors[name](*(a.value for a in n.args))
+            if name in functions and callable(functions[name]):
+                return functions[name](*(build(a) for a in n.args))
+        raise ValueError(f"not allowed in a math answer: {ast.dump(n)[:60]}")
+
+    return build(node)
 
 
 def math_equal(a: str, b: str, *, abs_tol: float = 1e-9) -> bool:
