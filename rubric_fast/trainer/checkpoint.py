@@ -55,7 +55,9 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain python values, so the checkpoint loads with torch.load(weights_only=True)
+        state["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -69,7 +71,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -186,8 +189,9 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> tup
         raise CheckpointError(f"checkpoint {p} was written by {saved} ranks, this run has {world_size}: per-rank "
                               "RNG states and batches generated ahead cannot be split differently; resume with "
                               f"{saved} ranks (torchrun --nproc_per_node ... so that WORLD_SIZE={saved})")
-    state = torch.load(p / STATE_FILE, map_location="cpu", weights_only=False)
-    rank_state = torch.load(p / rank_file(rank), map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is data (tensors, numbers, strings, containers), never code to unpickle
+    state = torch.load(p / STATE_FILE, map_location="cpu", weights_only=True)
+    rank_state = torch.load(p / rank_file(rank), map_location="cpu", weights_only=True)
     return state, rank_state
 
 
