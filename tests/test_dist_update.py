@@ -98,7 +98,7 @@ def _free_port() -> int:
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_update")
     mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
-    return [torch.load(out / f"variant_{i}.pt", weights_only=False) for i in range(len(VARIANTS))]
+    return [torch.load(out / f"variant_{i}.pt", weights_only=True) for i in range(len(VARIANTS))]
 
 
 @pytest.mark.parametrize("i", range(len(VARIANTS)),

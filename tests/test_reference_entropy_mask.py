@@ -196,7 +196,7 @@ def _results(world, tmp_path_factory):
         # children only run tiny single-threaded ops, so the fork-after-OpenMP hazard does not arise.
         mp.start_processes(_worker, args=(world, init, seed, str(out)), nprocs=world, join=True,
                            start_method="fork")
-        per_rank = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+        per_rank = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
         _RESULTS[world] = (seed, _make_cases(seed, world), _edge_cases(world), per_rank)
     return _RESULTS[world]
 

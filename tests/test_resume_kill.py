@@ -79,13 +79,13 @@ def judge_log(tmp_path: Path, tag: str) -> Counter:
 
 def final_weights(tmp_path: Path, run: str, step: int = 6) -> dict[str, torch.Tensor]:
     ck = tmp_path / run / "checkpoints" / f"step_{step:08d}"
-    state = torch.load(ck / "state.pt", weights_only=False)
+    state = torch.load(ck / "state.pt", weights_only=True)
     if "model" in state:
         return state["model"]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # fsdp2: gather the shards
 
     dcp_to_torch_save(ck / "sharded", tmp_path / f"{run}_full.pt")
-    return torch.load(tmp_path / f"{run}_full.pt", weights_only=False)["model"]
+    return torch.load(tmp_path / f"{run}_full.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
