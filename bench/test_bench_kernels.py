@@ -3,7 +3,7 @@
     python -m pytest bench/test_bench_kernels.py --benchmark-json=bench.json
 
 Providers and cases are those of ``rubric-fast bench`` (rubric_fast/bench_command.py): on a GPU the
-full-size shapes with every provider, on a CPU tiny shapes with the torch providers. Each benchmark
+full-size shapes with every provider, on a CPU tiny shapes with the ops and torch providers. Each benchmark
 records the effective TFLOP/s, the peak extra memory and the floor's FLOPs in ``extra_info``.
 """
 

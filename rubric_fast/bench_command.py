@@ -4,6 +4,8 @@ Providers (fwd + bwd of linear -> log-prob / entropy -> GRPO loss, unless the ca
   floor        the three bare GEMMs of forward + backward (X W^T, dz W, dz^T X), in the input dtype
   torch        materialized PyTorch: fp32 logits, log_softmax, gather, entropy, autograd
   torch_chunk  the row/vocabulary-chunked PyTorch reference (rubric_fast.reference), recompute backward
+  ops          the public op rubric_fast.ops.fused_linear_policy_loss with autograd, on this device's backend
+               (CPU: the C++ ops; GPU: the Triton kernels through the op layer)
   ours         the fused Triton launcher (rubric_fast.kernels.fused_linear_policy_loss), automatic schedule
   ours_1pass   the same, one-pass schedule forced (logits computed once, fp32 dW accumulated per row block)
   ours_2pass   the Triton forward + policy loss + recompute backward (the op path for GSPO / seq aggregations)
@@ -11,7 +13,7 @@ Providers (fwd + bwd of linear -> log-prob / entropy -> GRPO loss, unless the ca
   cce          Cut Cross-Entropy linear_cross_entropy, log-prob only (when importable)
 Figures: median ms, effective TFLOP/s (the floor's FLOPs over the time), peak extra memory (peak allocated
 during the call minus what was allocated before it: gradients included), ratio to the floor. On a CPU the
-suite runs tiny shapes with the torch providers only.
+suite runs tiny shapes with the ops and torch providers only.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ CPU_CASES = [
     Case("tiny-top20", 256, 64, 1000, top_entropy_fraction=0.2),
     Case("tiny-nograd", 256, 64, 1000, grad=False),
 ]
-PROVIDERS = ["floor", "ours", "ours_1pass", "ours_2pass", "torch_chunk", "torch", "cce", "liger"]
-CPU_PROVIDERS = ["floor", "torch", "torch_chunk"]
+PROVIDERS = ["floor", "ops", "ours", "ours_1pass", "ours_2pass", "torch_chunk", "torch", "cce", "liger"]
+CPU_PROVIDERS = ["floor", "ops", "torch", "torch_chunk"]
 
 
 class Unavailable(Exception):
@@ -126,6 +128,23 @@ def provider_fn(name: str, case: Case, inp: dict):
                 logp, ent, _ = linear_logprob_entropy(xr, wr, t)
                 if case.grad:
                     _torch_selected_loss(case, logp, ent, inp).backward()
+        return run
+    if name == "ops":
+        # the public op with autograd, on the backend chosen for this device (CPU: C++; GPU: Triton)
+        from rubric_fast import ops as rf_ops
+
+        cfg = _cfg(case)
+
+        def run():
+            with torch.set_grad_enabled(case.grad):
+                xr = x.detach().requires_grad_(case.grad)
+                wr = w.detach().requires_grad_(case.grad)
+                if not case.grad:
+                    rf_ops.linear_logprob_entropy(xr, wr, t)
+                    return
+                loss, _, _, _ = rf_ops.fused_linear_policy_loss(xr, wr, t, inp["old"], inp["adv"], inp["lw"],
+                                                                config=cfg)
+                loss.backward()
         return run
     if name == "ours_1pass":
         if not case.grad:
