@@ -96,15 +96,17 @@ def _pl_backward(ctx, g_loss, g_stats, g_glp, g_gent):
 _policy_loss_op.register_autograd(_pl_backward, setup_context=_pl_setup)
 
 
-def _check_policy_inputs(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                         entropy_mask, config):
+def _check_policy_inputs(n, config, *, fused=False, hidden=None, logp=None, old_logp, advantages, loss_weight,
+                         ref_logp, is_weight, seq_index, entropy, entropy_mask):
+    """Shapes, dtypes, devices and config-dependent requirements of the policy-loss arguments.
+
+    ``fused``: the fused op computes log-probs and entropy itself, so ``old_logp`` may be None (on-policy)
+    and ``entropy`` is not an argument; its ``hidden`` must share the device of the other arguments.
+    """
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config: expected a PolicyLossConfig, got {type(config).__name__}")
-    if logp.dim() != 1:
-        raise ValueError(f"logp: expected shape [N], got {tuple(logp.shape)}")
-    n = logp.shape[0]
-    check_vector("logp", logp, n, optional=False)
-    check_vector("old_logp", old_logp, n, optional=False)
+    check_vector("logp", logp, n)
+    check_vector("old_logp", old_logp, n, optional=fused)
     check_vector("advantages", advantages, n, optional=False)
     check_vector("loss_weight", loss_weight, n, optional=False)
     check_vector("ref_logp", ref_logp, n)
@@ -118,9 +120,9 @@ def _check_policy_inputs(logp, old_logp, advantages, loss_weight, ref_logp, is_w
         raise ValueError(f"seq_index: required for loss={config.loss!r} / aggregation={config.aggregation!r}")
     if config.beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when config.beta > 0")
-    if config.entropy_coef != 0 and entropy is None:
+    if not fused and config.entropy_coef != 0 and entropy is None:
         raise ValueError("entropy: required when config.entropy_coef != 0")
-    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, loss_weight=loss_weight,
+    check_same_device(hidden=hidden, logp=logp, old_logp=old_logp, advantages=advantages, loss_weight=loss_weight,
                       ref_logp=ref_logp, is_weight=is_weight, seq_index=seq_index, entropy=entropy,
                       entropy_mask=entropy_mask)
 
@@ -137,8 +139,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, loss_weight:
                 ref_logp: Tensor | None = None, is_weight: Tensor | None = None, seq_index: Tensor | None = None,
                 config: PolicyLossConfig, entropy: Tensor | None = None, entropy_mask: Tensor | None = None):
     """GRPO-family policy loss over N tokens -> (loss scalar, :class:`PolicyLossStats`). See docs/ops-math.md."""
-    _check_policy_inputs(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                         entropy_mask, config)
+    if not isinstance(logp, Tensor) or logp.dim() != 1:
+        raise ValueError(f"logp: expected shape [N], got {tuple(getattr(logp, 'shape', ()))}")
+    _check_policy_inputs(logp.shape[0], config, logp=logp, old_logp=old_logp, advantages=advantages,
+                         loss_weight=loss_weight, ref_logp=ref_logp, is_weight=is_weight, seq_index=seq_index,
+                         entropy=entropy, entropy_mask=entropy_mask)
     be = _backend.select(logp.device, "policy_loss", _SUPPORTED)
     loss, stats, _, _ = _policy_loss_op(
         logp.contiguous(), old_logp.detach().contiguous(), advantages.detach().contiguous(),
@@ -256,13 +261,11 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
     the backward; with a ``process_group`` the selection threshold is global across its ranks.
     """
     check_lle_inputs(hidden, weight, targets, bias)
-    n = hidden.shape[0]
-    probe = advantages.new_zeros(n) if isinstance(advantages, Tensor) else None
-    _check_policy_inputs(probe, probe if old_logp is None else old_logp, advantages, loss_weight, ref_logp,
-                         is_weight, seq_index, None, entropy_mask, config.replace(entropy_coef=0.0))
+    _check_policy_inputs(hidden.shape[0], config, fused=True, hidden=hidden, old_logp=old_logp,
+                         advantages=advantages, loss_weight=loss_weight, ref_logp=ref_logp, is_weight=is_weight,
+                         seq_index=seq_index, entropy=None, entropy_mask=entropy_mask)
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    check_same_device(hidden=hidden, advantages=advantages)
     be = _backend.select(hidden.device, "fused_linear_policy_loss", _SUPPORTED)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
