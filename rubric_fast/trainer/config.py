@@ -444,11 +444,9 @@ def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):
     a = cfg.algorithm
     if normalizer is None and a.aggregation == "constant":
         normalizer = 1.0  # placeholder for validation; the loop sets max_new_tokens * global sequences
-    return PolicyLossConfig(loss=a.loss, eps_low=a.eps_low, eps_high=a.eps_high, delta=a.delta,
-                            dual_clip=a.dual_clip, beta=a.beta, kl=a.kl, entropy_coef=a.entropy_coef,
-                            aggregation=a.aggregation, normalizer=normalizer,
-                            top_entropy_fraction=a.top_entropy_fraction, sapo_tau_pos=a.sapo_tau_pos,
-                            sapo_tau_neg=a.sapo_tau_neg)
+    # the algorithm section carries every PolicyLossConfig field but the per-step normalizer
+    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(PolicyLossConfig) if f.name != "normalizer"}
+    return PolicyLossConfig(**fields, normalizer=normalizer)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
