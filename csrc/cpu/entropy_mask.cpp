@@ -22,13 +22,7 @@ namespace {
 constexpr const char* kOp = "entropy_mask_native";
 
 at::Tensor entropy_mask_cpu(const at::Tensor& entropy, const at::Tensor& valid, int64_t k) {
-  RF_CHECK_DEVICE_TYPE(kOp, entropy, at::kCPU);
-  RF_CHECK_FLOAT(kOp, entropy);
-  TORCH_CHECK(entropy.dim() == 1, kOp, ": argument 'entropy' must be 1-D [N], got ", entropy.sizes());
-  const int64_t N = entropy.size(0);
-  RF_CHECK_1D(kOp, valid, N);
-  RF_CHECK_DTYPE(kOp, valid, at::kBool);
-  RF_CHECK_SAME_DEVICE(kOp, valid, entropy);
+  const int64_t N = check_values_with_companion(kOp, entropy, "entropy", valid, "valid", at::kBool, at::kCPU);
 
   // Entropies are compared as fp32 values whatever their dtype (docs/ops-math.md), like the CUDA op
   // and the cross-rank radix select.

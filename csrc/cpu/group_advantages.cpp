@@ -48,13 +48,8 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cpu(const at::Tensor& reward
                                                         const std::optional<at::Tensor>& metric_opt) {
   const Estimator est = parse_estimator(estimator_name);
   const Scale scale = parse_scale(scale_name);
-  RF_CHECK_DEVICE_TYPE(kOp, rewards, at::kCPU);
-  RF_CHECK_FLOAT(kOp, rewards);
-  TORCH_CHECK(rewards.dim() == 1, kOp, ": argument 'rewards' must be 1-D [B], got ", rewards.sizes());
-  const int64_t B = rewards.size(0);
-  RF_CHECK_1D(kOp, group_index, B);
-  RF_CHECK_DTYPE(kOp, group_index, at::kLong);
-  RF_CHECK_SAME_DEVICE(kOp, group_index, rewards);
+  const int64_t B = check_values_with_companion(kOp, rewards, "rewards", group_index, "group_index", at::kLong,
+                                                at::kCPU);
   TORCH_CHECK(est != Estimator::kDrGrpo || scale == Scale::kNone, kOp,
               ": estimator 'dr_grpo' accepts only scale='none' (Dr. GRPO removes the std normalisation); got '",
               std::string(scale_name), "'");

@@ -86,13 +86,7 @@ __global__ void select_ties_kernel(const int32_t* __restrict__ tie, const int32_
 }
 
 at::Tensor entropy_mask_cuda(const at::Tensor& entropy, const at::Tensor& valid, int64_t k) {
-  RF_CHECK_DEVICE_TYPE(kOp, entropy, at::kCUDA);
-  RF_CHECK_FLOAT(kOp, entropy);
-  TORCH_CHECK(entropy.dim() == 1, kOp, ": argument 'entropy' must be 1-D [N], got ", entropy.sizes());
-  const int64_t n = entropy.size(0);
-  RF_CHECK_1D(kOp, valid, n);
-  RF_CHECK_DTYPE(kOp, valid, at::kBool);
-  RF_CHECK_SAME_DEVICE(kOp, valid, entropy);
+  const int64_t n = check_values_with_companion(kOp, entropy, "entropy", valid, "valid", at::kBool, at::kCUDA);
   TORCH_CHECK(n < (int64_t(1) << 31), kOp, ": argument 'entropy' has more than 2^31 - 1 tokens");
   RF_CUDA_DEVICE_GUARD(entropy);
   const int64_t n_valid = valid.sum().item<int64_t>();  // one sync: the bound check needs it

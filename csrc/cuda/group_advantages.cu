@@ -170,13 +170,8 @@ std::tuple<at::Tensor, at::Tensor> group_advantages_cuda(const at::Tensor& rewar
                                                          const std::optional<at::Tensor>& metric_opt) {
   const int estimator = parse_estimator(estimator_name);
   const int scale = parse_scale(scale_name);
-  RF_CHECK_DEVICE_TYPE(kOp, rewards, at::kCUDA);
-  RF_CHECK_FLOAT(kOp, rewards);
-  TORCH_CHECK(rewards.dim() == 1, kOp, ": argument 'rewards' must be 1-D [B], got ", rewards.sizes());
-  const int64_t b = rewards.size(0);
-  RF_CHECK_1D(kOp, group_index, b);
-  RF_CHECK_DTYPE(kOp, group_index, at::kLong);
-  RF_CHECK_SAME_DEVICE(kOp, group_index, rewards);
+  const int64_t b = check_values_with_companion(kOp, rewards, "rewards", group_index, "group_index", at::kLong,
+                                                at::kCUDA);
   TORCH_CHECK(estimator != kDrGrpo || scale == kScaleNone, kOp,
               ": estimator 'dr_grpo' accepts only scale='none' (Dr. GRPO removes the std normalisation); got '",
               std::string(scale_name), "'");

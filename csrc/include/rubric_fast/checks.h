@@ -59,3 +59,27 @@ inline bool is_float_dtype(at::ScalarType t) {
 #define RF_CHECK_DEVICE_TYPE(op, x, dev)                                                                \
   TORCH_CHECK((x).device().type() == (dev), op, ": argument '" #x "' must be a ", (dev),                 \
               " tensor, got ", (x).device())
+
+namespace rubric_fast {
+
+// A 1-D floating `values` on `device` with a same-length companion of dtype `companion_dtype` on the
+// same device (rewards + group ids, entropy + valid mask); returns the length. Shared by CPU and CUDA.
+inline int64_t check_values_with_companion(const char* op, const at::Tensor& values, const char* values_name,
+                                           const at::Tensor& companion, const char* companion_name,
+                                           at::ScalarType companion_dtype, at::DeviceType device) {
+  TORCH_CHECK(values.device().type() == device, op, ": argument '", values_name, "' must be a ", device,
+              " tensor, got ", values.device());
+  TORCH_CHECK(is_float_dtype(values.scalar_type()), op, ": argument '", values_name,
+              "' must be float32, float64, float16 or bfloat16, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 1, op, ": argument '", values_name, "' must be 1-D, got ", values.sizes());
+  const int64_t n = values.size(0);
+  TORCH_CHECK(companion.dim() == 1 && companion.size(0) == n, op, ": argument '", companion_name,
+              "' must have shape [", n, "], got ", companion.sizes());
+  TORCH_CHECK(companion.scalar_type() == companion_dtype, op, ": argument '", companion_name, "' must be ",
+              companion_dtype, ", got ", companion.scalar_type());
+  TORCH_CHECK(companion.device() == values.device(), op, ": argument '", companion_name, "' must be on ",
+              values.device(), " like '", values_name, "', got ", companion.device());
+  return n;
+}
+
+}  // namespace rubric_fast
