@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "rubric_fast/checks.h"
+#include "rubric_fast/policy_params.h"
 
 namespace rubric_fast {
 namespace {
@@ -37,8 +38,10 @@ at::Tensor entropy_mask_meta(const at::Tensor& entropy, const at::Tensor&, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_meta(
     const at::Tensor& logp, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double, double, double, double,
-    double, int64_t, double, int64_t, double, double, double) {
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::ArrayRef<double> fparams,
+    c10::ArrayRef<int64_t> iparams) {
+  // The same config check as the CPU / CUDA kernels: a bad packed config fails at trace time too.
+  (void)policy_loss_params(fparams, iparams);
   auto opts = logp.options().dtype(out_float_dtype(logp));
   return {at::empty({}, opts), at::empty({4}, logp.options().dtype(at::kFloat)),
           at::empty_symint(logp.sym_sizes(), opts), at::empty_symint(logp.sym_sizes(), opts)};
@@ -78,15 +81,14 @@ TORCH_LIBRARY(rubric_fast, m) {
       "float positive_weight, Tensor? metric) -> (Tensor advantages, Tensor valid)");
   // Exactly k of the valid tokens with the highest entropy, ties to the lower index.
   m.def("entropy_mask_native(Tensor entropy, Tensor valid, int k) -> Tensor");
-  // loss_type 0 ppo_clip, 1 cispo, 2 sapo, 3 gspo; kl_type 0 k1, 1 k2, 2 k3; aggregation 0 token_mean,
-  // 1 seq_mean_token_mean, 2 seq_mean_token_sum, 3 constant; delta, dual_clip, normalizer <= 0: not set.
-  // stats = f32[clip_frac_low, clip_frac_high, kl_mean, ratio_mean]; grad_* for an upstream gradient of 1.
+  // fparams, iparams: the PolicyLossConfig packed by PolicyLossConfig.to_op_args(), the layout of
+  // FPARAMS / IPARAMS in rubric_fast/reference/types.py; decoded and validated by policy_loss_params()
+  // (rubric_fast/policy_params.h). stats = f32[clip_frac_low, clip_frac_high, kl_mean, ratio_mean];
+  // grad_* for an upstream gradient of 1.
   m.def(
       "policy_loss_native(Tensor logp, Tensor old_logp, Tensor advantages, Tensor loss_weight, Tensor? ref_logp, "
-      "Tensor? is_weight, Tensor? seq_index, Tensor? entropy, Tensor? entropy_mask, int loss_type, float eps_low, "
-      "float eps_high, float delta, float dual_clip, float beta, int kl_type, float entropy_coef, int aggregation, "
-      "float normalizer, float sapo_tau_pos, float sapo_tau_neg) -> (Tensor loss, Tensor stats, Tensor grad_logp, "
-      "Tensor grad_entropy)");
+      "Tensor? is_weight, Tensor? seq_index, Tensor? entropy, Tensor? entropy_mask, float[] fparams, "
+      "int[] iparams) -> (Tensor loss, Tensor stats, Tensor grad_logp, Tensor grad_entropy)");
   m.def(
       "linear_logprob_entropy_fwd_native(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "float temperature, int ignore_index) -> (Tensor logp, Tensor entropy, Tensor lse)");

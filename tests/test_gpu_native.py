@@ -11,6 +11,7 @@ import torch
 
 from rubric_fast import ops
 from rubric_fast import reference as R
+from rubric_fast.reference.policy_loss import policy_loss_with_grads
 
 pytestmark = [
     pytest.mark.gpu,
@@ -69,6 +70,30 @@ def test_policy_loss_cuda(loss, agg):
     got.backward()
     assert abs(got.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item()))
     assert _err(b.grad, g_want) <= 1e-6 + 1e-4 * float(g_want.abs().max())
+
+
+@pytest.mark.parametrize("loss,agg", [("ppo_clip", "token_mean"), ("gspo", "seq_mean_token_mean"),
+                                      ("sapo", "constant"), ("cispo", "seq_mean_token_sum")])
+def test_policy_loss_native_cuda_takes_the_packed_config(loss, agg):
+    # The native op straight, with PolicyLossConfig.to_op_args(): independent of the Python ops layer.
+    n = 3001
+    lp = -torch.rand(n, dtype=torch.float64) * 3
+    old = lp + 0.3 * torch.randn(n, dtype=torch.float64)
+    adv, w = torch.randn(n, dtype=torch.float64), (torch.rand(n) > 0.2).double()
+    ref = lp + 0.1 * torch.randn(n, dtype=torch.float64)
+    seq = torch.arange(n) // 89
+    cfg = R.PolicyLossConfig(loss=loss, aggregation=agg, beta=0.05, kl="k2", dual_clip=3.0, delta=1.5,
+                             normalizer=5000.0 if agg == "constant" else None)
+    want, _, g_want, _ = policy_loss_with_grads(lp, old, adv, w, ref_logp=ref, seq_index=seq, config=cfg)
+    got, stats, g_got, _ = torch.ops.rubric_fast.policy_loss_native(
+        lp.cuda(), old.cuda(), adv.cuda(), w.cuda(), ref.cuda(), None, seq.cuda(), None, None, *cfg.to_op_args())
+    assert got.dtype == torch.float64 and stats.shape == (4,)
+    assert abs(got.item() - want.item()) <= 1e-10 * max(1.0, abs(want.item()))
+    assert _err(g_got, g_want) <= 1e-12
+    f, i = cfg.to_op_args()
+    with pytest.raises(RuntimeError, match=r"iparams\[0\] \(loss\)"):
+        torch.ops.rubric_fast.policy_loss_native(lp.cuda(), old.cuda(), adv.cuda(), w.cuda(), None, None,
+                                                 seq.cuda(), None, None, f, [9, i[1], i[2]])
 
 
 @pytest.mark.parametrize("estimator", R.ESTIMATORS)

@@ -23,6 +23,7 @@ from rubric_fast.reference import (
     topk_mask,
 )
 from rubric_fast.reference.policy_loss import policy_loss_with_grads
+from rubric_fast.reference.types import FPARAMS, IPARAMS
 
 if os.environ.get("RUBRIC_FAST_REQUIRE_NATIVE") == "1":
     assert _native.CPU_AVAILABLE, f"rubric_fast._C is required but not loaded: {_native.load_error}"
@@ -133,12 +134,6 @@ def test_entropy_mask_bad_inputs_name_the_argument():
 
 # ----------------------------------------------------------------------------------------------- policy_loss
 
-def _config_args(cfg: PolicyLossConfig):
-    return (cfg.loss_code, cfg.eps_low, cfg.eps_high, cfg.delta or -1.0, cfg.dual_clip or -1.0, cfg.beta,
-            cfg.kl_code, cfg.entropy_coef, cfg.aggregation_code, cfg.normalizer or -1.0, cfg.sapo_tau_pos,
-            cfg.sapo_tau_neg)
-
-
 def _tokens(n, dtype, n_seqs=None):
     g = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
     logp = -g(n).abs() - 0.1
@@ -159,7 +154,7 @@ def _native_policy_loss(t, cfg, **drop):
     args = {k: (None if drop.get(k) else v) for k, v in t.items()}
     return ops.policy_loss_native(args["logp"], args["old_logp"], args["advantages"], args["loss_weight"],
                                   args["ref_logp"], args["is_weight"], args["seq_index"], args["entropy"],
-                                  args["entropy_mask"], *_config_args(cfg))
+                                  args["entropy_mask"], *cfg.to_op_args())
 
 
 def _check_policy_loss(t, cfg, dtype, **drop):
@@ -262,16 +257,83 @@ def test_policy_loss_bad_inputs_name_the_argument():
     bad = dict(t, seq_index=t["seq_index"].int())
     with pytest.raises(RuntimeError, match="seq_index"):
         _native_policy_loss(bad, cfg)
-    args = list(_config_args(cfg))
-    args[0] = 7
-    with pytest.raises(RuntimeError, match="loss_type"):
-        ops.policy_loss_native(t["logp"], t["old_logp"], t["advantages"], t["loss_weight"], None, None,
-                               t["seq_index"], None, None, *args)
-    args = list(_config_args(PolicyLossConfig()))
-    args[8], args[9] = 3, -1.0  # constant aggregation without a normalizer
-    with pytest.raises(RuntimeError, match="normalizer"):
-        ops.policy_loss_native(t["logp"], t["old_logp"], t["advantages"], t["loss_weight"], None, None, None,
-                               None, None, *args)
+
+
+
+def _packed(fparams, iparams, t=None):
+    t = _tokens(8, torch.float32) if t is None else t
+    return ops.policy_loss_native(t["logp"], t["old_logp"], t["advantages"], t["loss_weight"], None, None,
+                                  t["seq_index"], None, None, fparams, iparams)
+
+
+def test_policy_loss_packed_layout_matches_the_python_field_lists():
+    # policy_params.h mirrors FPARAMS / IPARAMS. Each config differs from the default in one field and the
+    # native result must match the reference for each, so a field read from the wrong position shows up.
+    assert len(FPARAMS) == 10 and len(IPARAMS) == 3
+    f, i = PolicyLossConfig().to_op_args()
+    assert len(f) == len(FPARAMS) and len(i) == len(IPARAMS)
+    t = _tokens(211, torch.float64)
+    cfgs = [PolicyLossConfig(), PolicyLossConfig(eps_low=0.05), PolicyLossConfig(eps_high=0.01),
+            PolicyLossConfig(delta=1.25), PolicyLossConfig(dual_clip=1.5), PolicyLossConfig(beta=0.3),
+            PolicyLossConfig(entropy_coef=0.2), PolicyLossConfig(normalizer=17.0),
+            PolicyLossConfig(loss="sapo", sapo_tau_pos=0.3), PolicyLossConfig(loss="sapo", sapo_tau_neg=3.0),
+            PolicyLossConfig(top_entropy_fraction=0.5), PolicyLossConfig(loss="cispo"), PolicyLossConfig(kl="k1"),
+            PolicyLossConfig(aggregation="seq_mean_token_sum")]
+    for cfg in cfgs:
+        _check_policy_loss(t, cfg, torch.float64)
+
+
+@pytest.mark.parametrize("fparams,iparams,field", [
+    ([0.2] * 9, [0, 2, 0], r"argument 'fparams' must have 10 values"),
+    ([0.2] * 11, [0, 2, 0], r"argument 'fparams' must have 10 values"),
+    (None, [0, 2], r"argument 'iparams' must have 3 values"),
+    (None, [0, 2, 0, 0], r"argument 'iparams' must have 3 values"),
+    (None, [7, 2, 0], r"iparams\[0\] \(loss\) must be 0 \(ppo_clip\)"),
+    (None, [-1, 2, 0], r"iparams\[0\] \(loss\)"),
+    (None, [0, 3, 0], r"iparams\[1\] \(kl\) must be 0 \(k1\)"),
+    (None, [0, 2, 4], r"iparams\[2\] \(aggregation\) must be 0 \(token_mean\)"),
+    ({0: 1.0}, None, r"fparams\[0\] \(eps_low\) must be in \[0, 1\)"),
+    ({0: float("nan")}, None, r"fparams\[0\] \(eps_low\) must be a finite number"),
+    ({1: -0.1}, None, r"fparams\[1\] \(eps_high\) must be >= 0"),
+    ({2: 1.1}, None, r"fparams\[2\] \(delta\) must be > 1 \+ eps_high"),
+    ({2: float("nan")}, None, r"fparams\[2\] \(delta\)"),
+    ({3: 0.5}, None, r"fparams\[3\] \(dual_clip\) must be > 1"),
+    ({4: -1.0}, None, r"fparams\[4\] \(beta\) must be >= 0"),
+    ({5: float("inf")}, None, r"fparams\[5\] \(entropy_coef\) must be a finite number"),
+    ({6: float("inf")}, None, r"fparams\[6\] \(normalizer\)"),
+    ({7: 0.0}, None, r"fparams\[7\] \(sapo_tau_pos\) must be > 0"),
+    ({8: -1.0}, None, r"fparams\[8\] \(sapo_tau_neg\) must be > 0"),
+    ({9: 1.5}, None, r"fparams\[9\] \(top_entropy_fraction\) must be in \(0, 1\]"),
+    (None, [0, 2, 3], r"fparams\[6\] \(normalizer\) must be > 0 with aggregation=constant"),
+])
+def test_policy_loss_bad_packed_config_names_the_field(fparams, iparams, field):
+    f, i = PolicyLossConfig().to_op_args()
+    if isinstance(fparams, dict):
+        f = [fparams.get(k, v) for k, v in enumerate(f)]
+    elif fparams is not None:
+        f = fparams
+    i = i if iparams is None else iparams
+    with pytest.raises(RuntimeError, match=r"policy_loss_native: " + field):
+        _packed(f, i)
+    # The Meta kernel checks the same way (torch.compile fails at trace time, not at the launch).
+    t = _tokens(8, torch.float32)
+    meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    with pytest.raises(RuntimeError, match=r"policy_loss_native: " + field):
+        ops.policy_loss_native(meta["logp"], meta["old_logp"], meta["advantages"], meta["loss_weight"], None,
+                               None, meta["seq_index"], None, None, f, i)
+
+
+def test_policy_loss_unset_optionals_and_top_entropy_fraction_are_accepted():
+    # -1 (to_op_args' "not set") and any value <= 0 read as not set, like PolicyLossConfig.from_op_args;
+    # top_entropy_fraction is carried but does not change the native loss (the mask arrives as a tensor).
+    f, i = PolicyLossConfig().to_op_args()
+    t = _tokens(101, torch.float64)
+    base = _packed(f, i, t)
+    for idx, value in ((2, 0.0), (3, 0.0), (6, 0.0), (9, 0.0), (2, -5.0), (9, 0.3)):
+        f2 = list(f)
+        f2[idx] = value
+        for got, want in zip(_packed(f2, i, t), base):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- linear_logprob_entropy
@@ -411,7 +473,7 @@ def test_opcheck_native_ops():
         cfg = PolicyLossConfig(loss="gspo", aggregation="seq_mean_token_mean", beta=0.1, entropy_coef=0.01)
         _opcheck(ops.policy_loss_native.default, (t["logp"], t["old_logp"], t["advantages"], t["loss_weight"],
                                                   t["ref_logp"], t["is_weight"], t["seq_index"], t["entropy"],
-                                                  t["entropy_mask"], *_config_args(cfg)))
+                                                  t["entropy_mask"], *cfg.to_op_args()))
     for dtype in (torch.float32, torch.float64):
         hidden, weight, b, targets = _lle_inputs(19, 23, 8, dtype)
         _opcheck(ops.linear_logprob_entropy_fwd_native.default, (hidden, weight, targets, b, 1.0, -100))

@@ -16,6 +16,7 @@
 #include "rubric_fast/checks.h"
 #include "rubric_fast/policy_loss_checks.h"
 #include "rubric_fast/policy_loss_math.h"
+#include "rubric_fast/policy_params.h"
 
 namespace rubric_fast {
 namespace {
@@ -44,18 +45,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& loss_weight,
     const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& is_weight,
     const std::optional<at::Tensor>& seq_index, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& entropy_mask, int64_t loss_type, double eps_low, double eps_high, double delta,
-    double dual_clip, double beta, int64_t kl_type, double entropy_coef, int64_t aggregation, double normalizer,
-    double sapo_tau_pos, double sapo_tau_neg) {
+    const std::optional<at::Tensor>& entropy_mask, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams) {
   // ---- checks ----
+  const PolicyLossParams p = policy_loss_params(fparams, iparams, kOp);
   RF_CHECK_DEVICE_TYPE(kOp, logp, at::kCPU);
   RF_CHECK_FLOAT(kOp, logp);
   TORCH_CHECK(logp.dim() == 1, kOp, ": argument 'logp' must be 1-D [N], got ", logp.sizes());
   const int64_t N = logp.size(0);
   check_policy_loss_args(kOp, logp, N, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                         entropy_mask, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
-                         sapo_tau_neg);
-  const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
+                         entropy_mask, p);
+  const bool needs_seq = p.needs_seq_index();
+  const Aggregation aggregation = p.aggregation;
+  const double normalizer = p.normalizer;
 
   // ---- inputs in double ----
   const at::Tensor lp = logp.to(at::kDouble).contiguous(), olp = old_logp.to(at::kDouble).contiguous();
@@ -68,9 +69,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   const double* isw_p = isw.defined() ? isw.data_ptr<double>() : nullptr;
   const double* ent_p = ent.defined() ? ent.data_ptr<double>() : nullptr;
   const double* msk_p = msk.defined() ? msk.data_ptr<double>() : nullptr;
-
-  PolicyLossParams<double> p{int(loss_type), eps_low, eps_high, delta, dual_clip, beta, int(kl_type),
-                             entropy_coef, sapo_tau_pos, sapo_tau_neg};
 
   // ---- per-sequence pass (only when needed) ----
   std::vector<int64_t> sid;

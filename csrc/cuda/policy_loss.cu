@@ -2,6 +2,7 @@
 //
 // Kernels, all on the current stream, no host sync except the compaction of seq_index:
 //   1. (gspo / seq_* aggregations) per-sequence count, weight sum and log-ratio sum: global atomics.
+//   0. the packed config (fparams, iparams) -> PolicyLossParams, validated on the host (policy_params.h).
 //   2. one fused pass over the tokens: per-token loss and gradient (policy_loss_math.h, shared with the
 //      CPU op), the unscaled weighted gradients written out, the sums for the loss and the stats
 //      reduced per block and added to a double accumulator (one atomicAdd per block and quantity);
@@ -23,6 +24,7 @@
 #include "rubric_fast/cuda_utils.cuh"
 #include "rubric_fast/policy_loss_checks.h"
 #include "rubric_fast/policy_loss_math.h"
+#include "rubric_fast/policy_params.h"
 
 namespace rubric_fast {
 namespace {
@@ -52,7 +54,7 @@ __global__ void seq_stats_kernel(TokenInputs<acc_t> in, int64_t n, double* __res
 }
 
 template <typename acc_t>
-__global__ void token_kernel(TokenInputs<acc_t> in, int64_t n, PolicyLossParams<acc_t> p,
+__global__ void token_kernel(TokenInputs<acc_t> in, int64_t n, PolicyLossParams p,
                              const double* __restrict__ seq_stats, acc_t* __restrict__ grad_logp,
                              acc_t* __restrict__ grad_entropy, double* __restrict__ seq_wl,
                              double* __restrict__ acc) {
@@ -66,7 +68,7 @@ __global__ void token_kernel(TokenInputs<acc_t> in, int64_t n, PolicyLossParams<
       continue;
     }
     acc_t seq_lr = acc_t(0);
-    if (p.loss_type == kGspo) {
+    if (p.loss == kGspo) {
       const double* s = seq_stats + 3 * in.seq[t];
       seq_lr = acc_t(s[2] / s[0]);
     }
@@ -96,10 +98,11 @@ __global__ void token_kernel(TokenInputs<acc_t> in, int64_t n, PolicyLossParams<
 // One block. scalars[0] = the gradient factor 1/D (0 when D = 0).
 template <typename acc_t>
 __global__ void finalize_kernel(const double* __restrict__ acc, const double* __restrict__ seq_stats,
-                                const double* __restrict__ seq_wl, int64_t n_seq, int aggregation, double normalizer,
-                                bool has_ref, acc_t* __restrict__ loss_out, float* __restrict__ stats,
+                                const double* __restrict__ seq_wl, int64_t n_seq, PolicyLossParams p, bool has_ref,
+                                acc_t* __restrict__ loss_out, float* __restrict__ stats,
                                 double* __restrict__ scalars) {
   __shared__ double shared[32];
+  const Aggregation aggregation = p.aggregation;
   double per_seq = 0.0, n_live = 0.0;
   if (aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum) {
     for (int64_t s = threadIdx.x; s < n_seq; s += blockDim.x) {
@@ -113,7 +116,7 @@ __global__ void finalize_kernel(const double* __restrict__ acc, const double* __
   n_live = block_sum(n_live, shared);
   if (threadIdx.x != 0) return;
   const bool by_token = aggregation == kTokenMean || aggregation == kConstant;
-  const double d = normalizer > 0 ? normalizer : (by_token ? acc[kSumW] : n_live);
+  const double d = p.normalizer > 0 ? p.normalizer : (by_token ? acc[kSumW] : n_live);
   const double inv_d = d != 0.0 ? 1.0 / d : 0.0;
   loss_out[0] = acc_t((by_token ? acc[kSumWL] : per_seq) * inv_d);
   scalars[0] = inv_d;
@@ -145,17 +148,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& loss_weight,
     const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& is_weight,
     const std::optional<at::Tensor>& seq_index, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& entropy_mask, int64_t loss_type, double eps_low, double eps_high, double delta,
-    double dual_clip, double beta, int64_t kl_type, double entropy_coef, int64_t aggregation, double normalizer,
-    double sapo_tau_pos, double sapo_tau_neg) {
+    const std::optional<at::Tensor>& entropy_mask, c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams) {
+  const PolicyLossParams p = policy_loss_params(fparams, iparams, kOp);
   RF_CHECK_DEVICE_TYPE(kOp, logp, at::kCUDA);
   RF_CHECK_FLOAT(kOp, logp);
   TORCH_CHECK(logp.dim() == 1, kOp, ": argument 'logp' must be 1-D [N], got ", logp.sizes());
   const int64_t n = logp.size(0);
   check_policy_loss_args(kOp, logp, n, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                         entropy_mask, loss_type, kl_type, aggregation, normalizer, sapo_tau_pos,
-                         sapo_tau_neg);
-  const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
+                         entropy_mask, p);
+  const bool needs_seq = p.needs_seq_index();
   RF_CUDA_DEVICE_GUARD(logp);
 
   const auto ct = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -191,9 +192,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
     TokenInputs<acc_t> in{ptr(lp), ptr(olp), ptr(adv), ptr(w), ptr(ref), ptr(isw), ptr(ent), ptr(msk),
                           needs_seq ? seq.data_ptr<int64_t>() : nullptr};
-    PolicyLossParams<acc_t> p{int(loss_type), acc_t(eps_low), acc_t(eps_high), acc_t(delta), acc_t(dual_clip),
-                              acc_t(beta), int(kl_type), acc_t(entropy_coef), acc_t(sapo_tau_pos),
-                              acc_t(sapo_tau_neg)};
     if (needs_seq) {
       seq_stats_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(in, n, seq_stats.data_ptr<double>());
       RF_CUDA_LAUNCH_CHECK();
@@ -203,13 +201,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
         needs_seq ? seq_wl.data_ptr<double>() : nullptr, acc.data_ptr<double>());
     RF_CUDA_LAUNCH_CHECK();
     finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(acc.data_ptr<double>(), seq_stats.data_ptr<double>(),
-                                                       seq_wl.data_ptr<double>(), n_seq, int(aggregation), normalizer,
-                                                       ref.defined(), loss.data_ptr<acc_t>(), stats.data_ptr<float>(),
+                                                       seq_wl.data_ptr<double>(), n_seq, p, ref.defined(),
+                                                       loss.data_ptr<acc_t>(), stats.data_ptr<float>(),
                                                        scalars.data_ptr<double>());
     RF_CUDA_LAUNCH_CHECK();
     scale_grads_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
         w.data_ptr<acc_t>(), needs_seq ? seq.data_ptr<int64_t>() : nullptr, seq_stats.data_ptr<double>(),
-        scalars.data_ptr<double>(), n, aggregation == kSeqMeanTokenMean, ent.defined(),
+        scalars.data_ptr<double>(), n, p.aggregation == kSeqMeanTokenMean, ent.defined(),
         grad_logp.data_ptr<acc_t>(), grad_entropy.data_ptr<acc_t>());
     RF_CUDA_LAUNCH_CHECK();
   });

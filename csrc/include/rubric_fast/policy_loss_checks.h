@@ -7,7 +7,7 @@
 #include <optional>
 
 #include "rubric_fast/checks.h"
-#include "rubric_fast/policy_loss_math.h"
+#include "rubric_fast/policy_params.h"
 
 namespace rubric_fast {
 
@@ -23,15 +23,15 @@ inline void check_token_tensor(const char* kOp, const at::Tensor& t, const char*
               t.device());
 }
 
-// Every argument of policy_loss_native but logp itself, checked the same way on CPU and CUDA.
+// Every tensor argument of policy_loss_native but logp itself, checked the same way on CPU and CUDA, against
+// the already validated config (policy_loss_params() in policy_params.h checks the config itself).
 inline void check_policy_loss_args(const char* kOp, const at::Tensor& logp, int64_t n, const at::Tensor& old_logp,
                                    const at::Tensor& advantages, const at::Tensor& loss_weight,
                                    const std::optional<at::Tensor>& ref_logp,
                                    const std::optional<at::Tensor>& is_weight,
                                    const std::optional<at::Tensor>& seq_index,
                                    const std::optional<at::Tensor>& entropy,
-                                   const std::optional<at::Tensor>& entropy_mask, int64_t loss_type, int64_t kl_type,
-                                   int64_t aggregation, double normalizer, double sapo_tau_pos, double sapo_tau_neg) {
+                                   const std::optional<at::Tensor>& entropy_mask, const PolicyLossParams& p) {
   check_token_tensor(kOp, old_logp, "old_logp", logp, n, false);
   check_token_tensor(kOp, advantages, "advantages", logp, n, false);
   check_token_tensor(kOp, loss_weight, "loss_weight", logp, n, false);
@@ -39,21 +39,8 @@ inline void check_policy_loss_args(const char* kOp, const at::Tensor& logp, int6
   if (is_weight) check_token_tensor(kOp, *is_weight, "is_weight", logp, n, false);
   if (entropy) check_token_tensor(kOp, *entropy, "entropy", logp, n, false);
   if (entropy_mask) check_token_tensor(kOp, *entropy_mask, "entropy_mask", logp, n, true);
-  TORCH_CHECK(loss_type >= 0 && loss_type <= 3, kOp,
-              ": argument 'loss_type' must be 0 (ppo_clip), 1 (cispo), 2 (sapo) or 3 (gspo), got ", loss_type);
-  TORCH_CHECK(kl_type >= 0 && kl_type <= 2, kOp, ": argument 'kl_type' must be 0 (k1), 1 (k2) or 2 (k3), got ",
-              kl_type);
-  TORCH_CHECK(aggregation >= 0 && aggregation <= 3, kOp,
-              ": argument 'aggregation' must be 0 (token_mean), 1 (seq_mean_token_mean), 2 (seq_mean_token_sum) "
-              "or 3 (constant), got ",
-              aggregation);
-  TORCH_CHECK(aggregation != kConstant || normalizer > 0, kOp,
-              ": aggregation=constant (Dr. GRPO) needs argument 'normalizer' > 0, got ", normalizer);
-  TORCH_CHECK(loss_type != kSapo || (sapo_tau_pos > 0 && sapo_tau_neg > 0), kOp,
-              ": arguments 'sapo_tau_pos' and 'sapo_tau_neg' must be > 0");
-  const bool needs_seq = loss_type == kGspo || aggregation == kSeqMeanTokenMean || aggregation == kSeqMeanTokenSum;
-  TORCH_CHECK(!needs_seq || seq_index.has_value(), kOp,
-              ": argument 'seq_index' is required for loss_type=gspo and for the seq_mean_token_mean / "
+  TORCH_CHECK(!p.needs_seq_index() || seq_index.has_value(), kOp,
+              ": argument 'seq_index' is required for loss=gspo and for the seq_mean_token_mean / "
               "seq_mean_token_sum aggregations");
   if (seq_index) {
     const at::Tensor& si = *seq_index;
