@@ -54,7 +54,7 @@ def test_reward_function_values_none_and_forms():
     reward = RubricReward()
     try:
         prompts = ["p1", "p2", "p3", "p4", "p5"]
-        completions = ["a", "bbbbbbbb", "zzz", "a", [{"role": "assistant", "content": "ab"}]]
+        completions = ["a", "bbbbbbbb", "zzz", "zzz", [{"role": "assistant", "content": "ab"}]]
         rubrics = [RULE_RUBRIC, json.dumps(RULE_RUBRIC), RULE_RUBRIC["criteria"], LLM_RUBRIC, RULE_RUBRIC]
         logged = {}
         out = reward(prompts, completions, rubric=rubrics, log_metric=lambda k, v: logged.__setitem__(k, v))

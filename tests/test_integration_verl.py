@@ -59,10 +59,10 @@ def test_verl_sample_parquet_rubrics_round_trip():
 def test_failed_judgement_raises_by_default_or_returns_nan():
     llm_only = {"criteria": [{"id": "kind", "text": "The response is kind."}]}  # no LLM judge configured
     with pytest.raises(rv.RubricJudgementFailed, match="no judge configured for verifier 'llm'.*on_failure='nan'"):
-        rv.compute_score("x", "hello", llm_only)
-    assert math.isnan(rv.compute_score("x", "hello", llm_only, on_failure="nan"))
+        rv.compute_score("x", "sunflowers", llm_only)
+    assert math.isnan(rv.compute_score("x", "sunflowers", llm_only, on_failure="nan"))
     with pytest.raises(ValueError, match="on_failure"):
-        rv.compute_score("x", "hello", SPIDER, on_failure="zero")
+        rv.compute_score("x", "sunflowers", SPIDER, on_failure="zero")
 
 
 def test_details_have_the_same_numeric_keys_for_every_sample(monkeypatch):

@@ -80,8 +80,8 @@ def test_guard_flags_junk(junk):
 
 def test_guard_flags_criteria_echo():
     echo = "The response explains that the sky is blue because of Rayleigh scattering."
-    assert junk_reason(echo, CRITERIA) == "echo of the criteria"
-    assert junk_reason(echo + " States a wrong colour for the sky.", CRITERIA) == "echo of the criteria"
+    assert junk_reason(echo, CRITERIA) == "rubric_echo"
+    assert junk_reason(echo + " States a wrong colour for the sky.", CRITERIA) == "rubric_echo"
 
 
 @pytest.mark.parametrize("ok", ["Blue, because air scatters short wavelengths (Rayleigh scattering).", "42",
@@ -92,7 +92,9 @@ def test_guard_passes_real_answers(ok):
 
 def test_guard_can_be_disabled():
     assert junk_reason("", CRITERIA, GuardConfig(enabled=False)) is None
-    assert junk_reason("Ok", CRITERIA, GuardConfig(extra_openers=("ok",))) is not None
+    assert junk_reason("Banana", CRITERIA) is None
+    assert junk_reason("Banana", CRITERIA, GuardConfig.from_value({"extra_openers": ["banana"]})) == "filler"
+    assert junk_reason("Banana", CRITERIA, GuardConfig(extra_words=("banana",))) == "filler"
 
 
 class _AlwaysGood:

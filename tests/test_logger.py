@@ -106,6 +106,12 @@ def test_progress_line_shows_the_training_signals(tmp_path, capsys):
         assert piece in err, piece
 
 
+def test_progress_text_shows_guarded_counts_by_reason():
+    text = progress_text({"reward": 0.5, "guarded": 3, "guarded/filler": 2, "guarded/prompt_echo": 1})
+    assert "guarded 3 (filler 2, prompt_echo 1)" in text
+    assert "guarded 0" in progress_text({"guarded": 0})
+
+
 def test_progress_text_tolerates_missing_and_non_finite():
     assert progress_text({}) == ""
     assert progress_text({"reward": float("nan"), "kl": 0.5}) == "kl 0.5"

@@ -105,16 +105,16 @@ R = Rubric("r", [{"role": "user", "content": "q"}], [Criterion("a", "a"), Criter
 
 
 def test_groups_release_when_complete_and_drop_below_min_valid():
-    judge = ScriptedJudge({"good": 1.0, "half": 0.0, "bad": None})
+    judge = ScriptedJudge({"apple": 1.0, "pear": 0.0, "plum": None})
     with ScoringService(judge, ScorerConfig(group_size=3, min_valid=2, max_error_rate=1.0)) as svc:
-        svc.submit("g1", "1", R, "good")
-        svc.submit("g1", "2", R, "bad")
+        svc.submit("g1", "1", R, "apple")
+        svc.submit("g1", "2", R, "plum")
         assert svc.ready_groups(timeout=0.3) == []  # g1 still waits for its third member
-        svc.submit("g1", "3", R, "half")
-        svc.submit("g2", "4", R, "bad")
-        svc.submit("g2", "5", R, "bad")
-        svc.submit("g2", "6", R, "good")
-        svc.submit("g3", "7", R, "good", group_size=5)
+        svc.submit("g1", "3", R, "pear")
+        svc.submit("g2", "4", R, "plum")
+        svc.submit("g2", "5", R, "plum")
+        svc.submit("g2", "6", R, "apple")
+        svc.submit("g3", "7", R, "apple", group_size=5)
         svc.close_group("g3")
         got = {g.group_id: g for g in svc.iter_groups(timeout=None)}
         m = svc.metrics()
@@ -125,18 +125,18 @@ def test_groups_release_when_complete_and_drop_below_min_valid():
 
 
 def test_error_rate_threshold_stops_with_clear_message():
-    judge = ScriptedJudge({"bad": None})
+    judge = ScriptedJudge({"plum": None})
     svc = ScoringService(judge, ScorerConfig(group_size=1, min_valid=1, max_error_rate=0.3, error_min_samples=10,
                                              error_window=20))
     try:
         # the threshold may be crossed while submitting (the judge is fast) or while collecting
         with pytest.raises(ScoringError, match=r"error rate .* exceeds scoring.max_error_rate=0.3.*server: boom"):
             for i in range(40):
-                svc.submit(i, str(i), R, "bad" if i % 2 else "good")
+                svc.submit(i, str(i), R, "plum" if i % 2 else "apple")
             for _ in range(100):
                 svc.ready_groups(timeout=0.05)
         with pytest.raises(ScoringError):
-            svc.submit(99, "99", R, "good")
+            svc.submit(99, "99", R, "apple")
     finally:
         svc.close()
 
@@ -146,7 +146,7 @@ def test_deadline_fails_slow_judgements_as_none():
 
     async def go():
         s = StreamingScorer(judge, ScorerConfig(deadline_s=0.2))
-        return await s.score("x", R, "fine answer")
+        return await s.score("x", R, "apple pie")
     r = asyncio.run(go())
     assert r.reward is None and r.error and all(v.error.startswith("deadline") for v in r.verdicts)
 

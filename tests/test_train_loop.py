@@ -223,6 +223,8 @@ def test_empty_completions_are_scored_and_trained(tmp_path, monkeypatch):
     assert any(s["response"] == "" for s in samples)
     assert all(s["reward"] is not None for s in samples)
     assert result.steps == 2 and rows[-1]["reward_missing"] == 0
+    # empty responses are judged by the guard: counted per step and by reason
+    assert all(r["guarded"] >= 1 and r["guarded/empty"] == r["guarded"] for r in rows)
 
 
 def test_scaffold_messages_show_a_share_of_the_criteria():

@@ -40,7 +40,7 @@ Synchronous use (the trainer)::
   ``error_min_samples``), ``submit``/``ready_groups`` raise :class:`ScoringError` with the reason and the
   last errors.
 * ``metrics() -> dict``: rollouts_submitted/done/scored/failed, in_flight, groups_released/dropped/open,
-  error_rate, timeout_rate, parse_failures, parse_failure_rate, guarded, judge_requests,
+  error_rate, timeout_rate, parse_failures, parse_failure_rate, guarded, guarded_by_reason, judge_requests,
   verdicts_requested, cache_hits, cache_hit_rate, latency_p50_s/latency_p95_s (per rollout, submission to
   reward), and for pooled judges calls, calls_ok, calls_failed, retries, call_errors (by kind),
   prompt_tokens, completion_tokens, tokens, rate_limit_wait_s, call_latency_p50_s/p95_s.
@@ -53,8 +53,10 @@ response)`` for one rollout without grouping, ``async for g in scorer.groups(): 
 Config keys (a mapping, or ``ScorerConfig`` + ``judge=``):
 
 * scoring: ``group_size`` (None), ``min_valid`` (2), ``deadline_s`` (600, per rollout), ``max_error_rate``
-  (0.5), ``error_window`` (200), ``error_min_samples`` (50), ``guard`` (true | false | {enabled,
-  extra_openers, check_echo, check_injection}), ``cache_path`` (None: no cache), ``aggregation`` (override
+  (0.5), ``error_window`` (200), ``error_min_samples`` (50), ``guard`` (true | false | a mapping:
+  enabled, check_injection, check_content, check_echo, check_repetition, extra_words, keep_words,
+  echo_min_run, min_compression_ratio, min_distinct_ratio, repetition_min_tokens, repetition_min_chars,
+  rule_only_rubrics; see rubric_fast.judges.guard), ``cache_path`` (None: no cache), ``aggregation`` (override
   every rubric's, e.g. {method: weighted_mean, category_weights: {essential: 1.0, important: 0.7,
   optional: 0.3, pitfall: 0.9}}), ``deliver_dropped`` (false).
 * ``judge.type``: ``rule`` | ``http`` | ``hf`` | ``embedding`` (criteria with ``verifier: rule`` always

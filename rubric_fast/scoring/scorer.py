@@ -31,7 +31,7 @@ class ScorerConfig:
     max_error_rate: float = 0.5          # fraction of failed rollouts (over the last error_window) that stops the run
     error_window: int = 200
     error_min_samples: int = 50          # no stop before this many rollouts have finished
-    guard: Any = True                    # true / false / {enabled, openers, extra_openers, check_echo, check_injection}
+    guard: Any = True                    # true / false / a mapping of GuardConfig keys (rubric_fast.judges.guard)
     cache_path: str | None = None        # SQLite file; None = no cache
     aggregation: dict | None = None      # override every rubric's aggregation block
     deliver_dropped: bool = False        # also hand out dropped groups (with dropped=True)
@@ -63,6 +63,7 @@ class ScoredRollout:
     guarded: bool = False
     latency_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    guard_reason: str | None = None      # why the guard judged it (a key of rubric_fast.judges.guard.REASONS)
 
 
 @dataclass
@@ -144,11 +145,12 @@ class StreamingScorer:
         t0 = submitted_at or time.monotonic()
         deadline = t0 + self.config.deadline_s
         criteria = rubric.criteria
-        reason = junk_reason(response, criteria, self.guard)
+        reason = junk_reason(response, criteria, self.guard, prompt=rubric.prompt)
         verdicts: list[Verdict] = []
         if reason is not None:
             verdicts = guard_verdicts(criteria, reason, holistic=self._holistic)
             self.c["guarded"] += 1
+            self.c[f"guarded_{reason}"] += 1
         else:
             if self._holistic:
                 units = [(cache_key(self._identity, criteria, rubric.prompt, response, rubric.reference_answer), criteria)]
@@ -186,7 +188,8 @@ class StreamingScorer:
             if v.error:
                 kind = v.error.split(":", 1)[0]
                 self.c[f"verdict_error_{kind}"] += 1
-        out = ScoredRollout(rollout_id, reward, verdicts, res.detail, error, guarded, time.monotonic() - t0, meta)
+        out = ScoredRollout(rollout_id, reward, verdicts, res.detail, error, guarded, time.monotonic() - t0, meta,
+                            guard_reason=reason)
         self._account(out)
         return out
 
@@ -350,7 +353,9 @@ class StreamingScorer:
             "groups_dropped": c["groups_dropped"], "groups_open": len(self._groups),
             "error_rate": c["rollouts_failed"] / done if done else 0.0,
             "timeout_rate": c["rollouts_timed_out"] / done if done else 0.0,
-            "guarded": c["guarded"], "judge_requests": c["judge_requests"], "verdicts_requested": requested,
+            "guarded": c["guarded"],
+            "guarded_by_reason": {k[len("guarded_"):]: v for k, v in c.items() if k.startswith("guarded_")},
+            "judge_requests": c["judge_requests"], "verdicts_requested": requested,
             "cache_hits": c["cache_hits"],
             "cache_hit_rate": c["cache_hits"] / (c["cache_hits"] + requested) if c["cache_hits"] + requested else 0.0,
             "latency_p50_s": _percentile(lat, 0.5), "latency_p95_s": _percentile(lat, 0.95),

@@ -87,6 +87,10 @@ def progress_text(metrics: dict[str, Any]) -> str:
     if p50 is not None or p95 is not None:
         parts.append(f"judge p50 {'-' if p50 is None else f'{p50:.2f}'}s"
                      f" p95 {'-' if p95 is None else f'{p95:.2f}'}s")
+    if m.get("guarded") is not None:
+        by_reason = [(k[len("guarded/"):], v) for k, v in m.items() if k.startswith("guarded/") and v]
+        detail = f" ({', '.join(f'{k} {v:.0f}' for k, v in sorted(by_reason))})" if by_reason else ""
+        parts.append(f"guarded {m['guarded']:.0f}{detail}")
     if m.get("judge/error_rate") is not None:
         parts.append(f"judge err {100 * m['judge/error_rate']:.1f}%")
     return " | ".join(parts)

@@ -129,6 +129,7 @@ class Sample:
     reward: float | None = None
     verdicts: list[Any] = field(default_factory=list)
     advantage: float = 0.0
+    guard_reason: str | None = None  # the guard judged it junk, and why
 
 
 @dataclass
@@ -472,7 +473,7 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             for g, scored in by_group.items():
                 members = [s for s in batch.samples if s.group_id == g]
                 for s, r in zip(members, scored):
-                    s.reward, s.verdicts = r.reward, r.verdicts
+                    s.reward, s.verdicts, s.guard_reason = r.reward, r.verdicts, r.guard_reason
             staleness = policy_version - batch.policy_version
             samples = batch.samples
             stale = 0
@@ -710,6 +711,11 @@ def step_metrics(batch: RolloutBatch, mean_reward: float, upd: dict[str, Any], u
         mu = sum(rs) / len(rs)
         m["reward_std"] = (sum((r - mu) ** 2 for r in rs) / (len(rs) - 1)) ** 0.5
     m["reward_missing"] = float(sum(s.reward is None for s in batch.samples))
+    # responses the guard judged junk in this step, by reason (rubric_fast.judges.guard.REASONS)
+    reasons = [s.guard_reason for s in batch.samples if s.guard_reason]
+    m["guarded"] = float(len(reasons))
+    for reason in sorted(set(reasons)):
+        m[f"guarded/{reason}"] = float(reasons.count(reason))
     passed: dict[str, list[float]] = {}
     for s in batch.samples:
         ids = {c.id for c in s.rubric.criteria}

@@ -33,6 +33,7 @@ class ScoredCompletion:
     verdicts: list[Verdict] = field(default_factory=list)
     error: str | None = None
     latency_s: float = 0.0
+    guard_reason: str | None = None      # set when the guard judged it (rubric_fast.judges.guard.REASONS)
 
 
 class ServiceScorer:
@@ -62,7 +63,8 @@ class ServiceScorer:
                 out.append(ScoredCompletion(group_id, rid, None, [] if m is None else m.verdicts,
                                             "group dropped by the scorer (too few valid members)"))
             else:
-                out.append(ScoredCompletion(group_id, rid, m.reward, m.verdicts, m.error, m.latency_s))
+                out.append(ScoredCompletion(group_id, rid, m.reward, m.verdicts, m.error, m.latency_s,
+                                            m.guard_reason))
         return out
 
     def metrics(self) -> dict[str, float]:
