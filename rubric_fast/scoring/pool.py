@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import random
 import time
@@ -26,6 +27,9 @@ from typing import Awaitable, Callable, TypeVar
 from rubric_fast.judges.base import CallTimeout, DeadlineExceeded, JudgeCallError
 
 T = TypeVar("T")
+# the judge audit pins its canary calls to one endpoint (per task: set it around the judge call)
+PINNED_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("rubric_fast_pinned_endpoint",
+                                                                           default=None)
 _timeout_cm = getattr(asyncio, "timeout", None)
 
 
@@ -118,13 +122,24 @@ class CallPool:
         self.rpm = TokenBucket(rpm) if rpm else None
         self.tpm = TokenBucket(tpm) if tpm else None
         self.metrics = PoolMetrics()
+        self.drained: set[str] = set()
         self._sem: asyncio.Semaphore | None = None
         self._rr = itertools.count()
 
+    def drain(self, url: str) -> None:
+        """Send no more traffic to ``url`` (the judge audit found it fooled); the last endpoint is kept."""
+        if any(e.url == url for e in self.endpoints) and len(self.drained | {url}) < len(self.endpoints):
+            self.drained.add(url)
+
     def _pick(self) -> Endpoint:
+        pinned = PINNED_ENDPOINT.get()
+        if pinned is not None:
+            for e in self.endpoints:
+                if e.url == pinned:
+                    return e
         start = next(self._rr) % len(self.endpoints)
-        order = self.endpoints[start:] + self.endpoints[:start]
-        return min(order, key=lambda e: (e.in_flight, e.errors))
+        order = [e for e in self.endpoints[start:] + self.endpoints[:start] if e.url not in self.drained]
+        return min(order or self.endpoints, key=lambda e: (e.in_flight, e.errors))
 
     def record_tokens(self, prompt: int, completion: int, estimate: int = 0) -> None:
         self.metrics.prompt_tokens += prompt

@@ -14,6 +14,7 @@ from rubric_fast.rubric.aggregate import aggregate
 from rubric_fast.rubric.loaders import rubric_from_dict
 from rubric_fast.rubric.schema import Aggregation, Rubric
 
+from .audit import JudgeAudit
 from .cache import VerdictCache, cache_key
 
 
@@ -35,6 +36,10 @@ class ScorerConfig:
     cache_path: str | None = None        # SQLite file; None = no cache
     aggregation: dict | None = None      # override every rubric's aggregation block
     deliver_dropped: bool = False        # also hand out dropped groups (with dropped=True)
+    audit_rate: float = 0.02             # canary requests per scored rollout (rubric_fast.scoring.audit); 0 = off
+    audit_max_false_pass: float = 0.25   # an endpoint that passes more content-free canaries is drained / stops the run
+    audit_min_samples: int = 20          # canary verdicts per endpoint before it can be judged
+    audit_seed: int = 0
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -48,6 +53,12 @@ class ScorerConfig:
         need(self.deadline_s > 0, "deadline_s", f"must be > 0 seconds, got {self.deadline_s!r}")
         need(0.0 <= self.max_error_rate <= 1.0, "max_error_rate", f"must lie in [0, 1], got {self.max_error_rate!r}")
         need(self.error_window >= 1, "error_window", "must be >= 1")
+        need(isinstance(self.audit_rate, (int, float)) and 0.0 <= self.audit_rate <= 1.0, "audit_rate",
+             f"must lie in [0, 1], got {self.audit_rate!r}")
+        need(isinstance(self.audit_max_false_pass, (int, float)) and 0.0 <= self.audit_max_false_pass <= 1.0,
+             "audit_max_false_pass", f"must lie in [0, 1], got {self.audit_max_false_pass!r}")
+        need(isinstance(self.audit_min_samples, int) and self.audit_min_samples >= 1, "audit_min_samples",
+             f"must be an integer >= 1, got {self.audit_min_samples!r}")
         GuardConfig.from_value(self.guard)
         if self.aggregation is not None:
             Aggregation.from_dict(self.aggregation, key="scoring.aggregation")
@@ -127,7 +138,10 @@ class StreamingScorer:
         self._groups: dict[Any, _Group] = {}
         self._ready: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.fatal: ScoringError | None = None
+        self._fatal: ScoringError | None = None
+        self.audit = JudgeAudit(judge, rate=self.config.audit_rate, max_false_pass=self.config.audit_max_false_pass,
+                                min_samples=self.config.audit_min_samples, seed=self.config.audit_seed,
+                                deadline_s=self.config.deadline_s, judges=iter_judges(judge))
         self._identity = getattr(judge, "identity", getattr(judge, "name", type(judge).__name__))
         self._holistic = bool(getattr(judge, "holistic", False))
         # metrics
@@ -135,6 +149,15 @@ class StreamingScorer:
         self._window: deque = deque(maxlen=self.config.error_window)
         self._latencies: deque = deque(maxlen=20000)
         self._last_errors: deque = deque(maxlen=5)
+
+    @property
+    def fatal(self) -> ScoringError | None:
+        """Why the scorer stopped: the judge error rate, or the judge audit (None while running)."""
+        return self._fatal or self.audit.fatal
+
+    @fatal.setter
+    def fatal(self, value: ScoringError | None) -> None:
+        self._fatal = value
 
     # ------------------------------------------------------------------------------------------ one rollout
     async def score(self, rollout_id: str, rubric: Rubric | dict, response: str, *,
@@ -191,6 +214,7 @@ class StreamingScorer:
         out = ScoredRollout(rollout_id, reward, verdicts, res.detail, error, guarded, time.monotonic() - t0, meta,
                             guard_reason=reason)
         self._account(out)
+        self.audit.maybe_send(rubric)  # a canary for the same rubric now and then; never part of a reward
         return out
 
     async def _ask_judge(self, rollout_id, rubric, response, todo, deadline, meta) -> list[Verdict]:
@@ -331,6 +355,7 @@ class StreamingScorer:
         return len(self._groups)
 
     async def aclose(self) -> None:
+        await self.audit.aclose()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -381,4 +406,5 @@ class StreamingScorer:
         m["parse_failures"] = parse_failures
         m["parse_failure_rate"] = parse_failures / requested if requested else 0.0
         m["tokens"] = m.get("prompt_tokens", 0) + m.get("completion_tokens", 0)
+        m.update(self.audit.metrics())
         return m

@@ -78,6 +78,14 @@ class ServiceScorer:
             v = m.get(src)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[dst] = float(v)
+        # the judge audit (canaries): how often each endpoint passes junk / fails a reference answer
+        for key in ("false_pass_rate", "false_fail_rate"):
+            if m.get(f"audit_{key}") is not None:
+                out[f"judge/audit/{key}"] = float(m[f"audit_{key}"])
+        for label, st in (m.get("audit") or {}).items():
+            for key in ("false_pass_rate", "false_fail_rate", "drained"):
+                if st.get(key) is not None:
+                    out[f"judge/audit/{label}/{key}"] = float(st[key])
         return out
 
     def close(self) -> None:
