@@ -26,17 +26,6 @@ def new_empty(shape, dtype, device) -> torch.Tensor:
     return t
 
 
-def workspace_bytes() -> int:
-    """Budget of the logits / dlogits workspace (RUBRIC_FAST_WORKSPACE_MB, default 512 MiB)."""
-    return int(float(os.environ.get("RUBRIC_FAST_WORKSPACE_MB", "512")) * (1 << 20))
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def f32(x) -> float:
     """Python floats become fp32 kernel arguments (under torch.compile they otherwise arrive as fp64)."""
     return float(torch.tensor(float(x), dtype=torch.float32).item())

@@ -1,20 +1,20 @@
 """linear -> log-prob / entropy -> (entropy selection) -> policy loss, forward and backward in one call.
 
-Two schedules (docs/ops-math.md):
+Schedules (kernels/plan.py, docs/ops-math.md "Schedules"):
 
-* one pass, when each token's gradient coefficient is known as soon as its own row's log-prob is known
-  (loss ppo_clip / cispo / sapo with aggregation token_mean / constant, and no top-entropy selection left
-  to do): the active rows (loss weight != 0, target kept, entropy mask on) are processed in blocks of R
-  rows. For a block the forward kernel writes the fp32 logits into a bounded workspace while it reduces
-  lse / entropy, the policy-loss kernel turns (logp, entropy) into (g_logp, g_H), a memory-bound kernel
-  turns the stored logits into dlogits in place, and two GEMMs give dX of the block and its share of dW.
-  The logits are computed once: 3 GEMMs in all, instead of 4 for forward + recompute.
-* forward then recompute backward (GSPO and the seq_mean_* aggregations need every token's log-prob
-  first; so does a top-entropy selection): forward over all rows, selection, coefficients, then the
-  recompute backward of linear_logprob_entropy over the active rows only.
+* ``fused``: each token's gradient coefficient depends only on its own row once the normalizer is known
+  (every loss but GSPO, every aggregation: the per-sequence weights come from ``loss_weight`` alone, and no
+  top-entropy selection left to do). The active rows (loss weight != 0, target kept, entropy mask on) go
+  through row blocks: the logits of a block are computed once into a bounded fp32 workspace with the
+  block's statistics, the policy-loss kernel turns (logp, entropy) into (g_logp, g_H), dlogits overwrite
+  the logits in place, and two cuBLAS GEMMs give the block's dX and its share of dW. Three
+  GEMM-equivalents over the active rows; rows that only need their log-probs get a forward.
+* ``recompute``: GSPO (a sequence's ratio needs all of its tokens) and a top-entropy selection (needs every
+  entropy): a forward over every row, the selection and coefficients, then the same row-block pass over
+  the active rows with the coefficients known.
 
-Rows that get no gradient never enter a GEMM of the backward (token sparsity: with a 20% entropy
-selection the backward does a fifth of the work).
+Rows that get no gradient never enter a GEMM of the backward (token sparsity: with a 20% entropy selection
+the backward does a fifth of the work).
 """
 
 from __future__ import annotations
@@ -23,25 +23,18 @@ import math
 import os
 
 import torch
-import triton
 
-from ._common import interpreting, new_empty, workspace_bytes
-from .linear_logprob_entropy import (
-    _dlogits_from_z_kernel,
-    _prep,
-    check_targets,
-    forward_rows,
-    linear_logprob_entropy_bwd,
-    mm_accumulate_f32,
-)
+from ._common import new_empty
+from .linear_logprob_entropy import RowBlockPass, _prep, check_targets, forward_rows
 from .policy_loss import (
-    AGG_CONSTANT,
-    AGG_TOKEN_MEAN,
     LOSS_GSPO,
     policy_loss_fwd_bwd,
     policy_token_grads,
     token_coefficients,
+    unpack,
 )
+
+SCHEDULES = ("auto", "fused", "recompute")
 
 
 def top_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, top_fraction: float) -> torch.Tensor:
@@ -60,153 +53,109 @@ def top_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, top_fraction: f
     return mask
 
 
-def _row_block(n_active: int, vocab: int) -> int:
-    """Rows per one-pass block: the fp32 logits of a block fill at most the workspace budget."""
-    r = max(16, workspace_bytes() // (vocab * 4))
-    r = (r // 16) * 16 if r >= 128 else max(16, r)
-    return min(r, max(1, n_active))
+def choose_schedule(cfg, *, entropy_mask_given: bool, needs_grad: bool, requested: str = "auto") -> str:
+    """The schedule a call takes (pure: also what ``rubric-fast bench --plan`` reports)."""
+    if requested not in SCHEDULES:
+        raise ValueError(f"schedule: got {requested!r}; accepted: {', '.join(SCHEDULES)}")
+    fusable = (cfg.loss_code != LOSS_GSPO and (cfg.top_entropy_fraction is None or entropy_mask_given)
+               and needs_grad)
+    if requested == "fused" and fusable:
+        return "fused"
+    if requested == "auto":
+        return "fused" if fusable else "recompute"
+    return "recompute"
 
 
-def _one_pass(hidden, weight, targets, bias, temperature, ignore_index, active_idx, coef, pl_args,
-              needs_dhidden, needs_dweight, needs_dbias, logp, ent, lse, hidden_dtype):
-    """Process the active rows in blocks; fills logp / ent / lse of those rows, returns the grads."""
-    n, h = hidden.shape
-    v = weight.shape[0]
-    dev = hidden.device
-    (old_logp, advantages, w, ref_logp, is_weight, entropy_mask, loss_type, eps_low, eps_high, delta,
-     dual_clip, beta, kl_type, entropy_coef, tau_pos, tau_neg) = pl_args
-    n_act = active_idx.numel()
-    dhidden = torch.zeros((n, h), dtype=hidden_dtype, device=dev) if needs_dhidden else None
-    dweight = torch.zeros((v, h), dtype=weight.dtype, device=dev) if needs_dweight else None
-    db32 = torch.zeros((v,), dtype=torch.float32, device=dev) if needs_dbias else None
-    if n_act == 0:
-        return dhidden, dweight, db32
-    r = _row_block(n_act, v)
-    n_blocks = triton.cdiv(n_act, r)
-    # dW: a single block is one GEMM (fp32 accumulation inside, one rounding); several blocks accumulate
-    # in an fp32 buffer (the weight's own dtype when that is fp32)
-    dw32 = None
-    if needs_dweight and n_blocks > 1:
-        dw32 = dweight if weight.dtype == torch.float32 else torch.zeros((v, h), dtype=torch.float32, device=dev)
-    z_ws = new_empty((r, v), torch.float32, dev)
-    dz_dtype = weight.dtype
-    elem = torch.tensor([], dtype=dz_dtype).element_size()
-    # dlogits overwrite the fp32 logits in place: row stride stays 4 V bytes
-    dz_full = z_ws.view(dz_dtype) if elem != 4 else z_ws
-    inv_t = 1.0 / float(temperature)
-    rows_per_prog, block_v = (2, 64) if interpreting() else (4, 1024)
-
-    def sel(t, i):
-        return t.index_select(0, i) if t is not None else None
-
-    for r0 in range(0, n_act, r):
-        idx = active_idx[r0:r0 + r]
-        rb = idx.numel()
-        xb = hidden.index_select(0, idx)
-        tb = targets.index_select(0, idx)
-        zb = z_ws[:rb]
-        lp_b, ent_b, lse_b = forward_rows(xb, weight, tb, bias, temperature, ignore_index, z_out=zb)
-        gl_b, gh_b, _ = policy_token_grads(
-            lp_b, lp_b if old_logp is None else sel(old_logp, idx), sel(advantages, idx), sel(w, idx), sel(coef, idx), None,
-            sel(ref_logp, idx), sel(is_weight, idx), ent_b if entropy_coef != 0 else None, sel(entropy_mask, idx),
-            loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, tau_pos, tau_neg)
-        mu_b = lse_b - ent_b
-        dzb = dz_full[:rb, :v]
-        _dlogits_from_z_kernel[(triton.cdiv(rb, rows_per_prog),)](
-            zb, dzb, tb, lse_b, mu_b, gl_b, gh_b, db32 if db32 is not None else lse_b,
-            rb, v, zb.stride(0), dzb.stride(0), inv_t,
-            HAS_DBIAS=needs_dbias, IN_PLACE=elem != 4, ROWS=rows_per_prog, BLOCK_V=block_v)
-        if needs_dhidden:
-            dhidden.index_copy_(0, idx, torch.mm(dzb, weight).to(hidden_dtype))
-        if needs_dweight:
-            if dw32 is None:
-                torch.mm(dzb.t(), xb, out=dweight)
-            else:
-                mm_accumulate_f32(dw32, dzb.t(), xb)
-        logp.index_copy_(0, idx, lp_b)
-        ent.index_copy_(0, idx, ent_b)
-        lse.index_copy_(0, idx, lse_b)
-    if dw32 is not None and dw32 is not dweight:
-        dweight.copy_(dw32)
-    return dhidden, dweight, db32
+def _sel(t, idx):
+    return None if t is None else (t if idx is None else t.index_select(0, idx))
 
 
 def fused_linear_policy_loss_fwd_bwd(hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp,
-                                     is_weight, seq_index, entropy_mask, loss_type: int, eps_low: float,
-                                     eps_high: float, delta: float, dual_clip: float, beta: float, kl_type: int,
-                                     entropy_coef: float, aggregation: int, normalizer: float,
-                                     sapo_tau_pos: float, sapo_tau_neg: float, top_entropy_fraction: float,
-                                     bias, temperature: float, ignore_index: int, needs_dhidden: bool,
-                                     needs_dweight: bool, needs_dbias: bool):
+                                     is_weight, seq_index, entropy_mask, fparams, iparams, bias, temperature: float,
+                                     ignore_index: int, needs_dhidden: bool, needs_dweight: bool, needs_dbias: bool,
+                                     schedule: str | None = None):
     """-> (loss 0-dim f32, stats f32[4], logp f32[N], entropy f32[N], dhidden | None, dweight | None,
-    dbias | None). delta, dual_clip, normalizer, top_entropy_fraction <= 0 mean unset. ``old_logp=None``:
-    on-policy, the old log-probs are this forward's own (ratio 1), with no extra pass."""
-    delta, dual_clip, normalizer = float(delta or 0.0), float(dual_clip or 0.0), float(normalizer or 0.0)
-    top_entropy_fraction = float(top_entropy_fraction or 0.0)
+    dbias | None). ``fparams, iparams``: the packed PolicyLossConfig (``cfg.to_op_args()``). ``old_logp=None``:
+    on-policy, the old log-probs are this forward's own (ratio 1), with no extra pass. ``schedule``: auto,
+    fused or recompute (default: RUBRIC_FAST_FUSED_SCHEDULE, else auto); fused falls back to recompute
+    where it cannot apply (GSPO, a top-entropy selection still to make)."""
+    cfg = unpack(fparams, iparams)
     hidden_dtype = hidden.dtype
     hidden, weight, targets, bias = _prep(hidden, weight, targets, bias)
     n = hidden.shape[0]
     dev = hidden.device
     check_targets(targets, weight.shape[0], ignore_index)
     needs_dbias = needs_dbias and bias is not None
+    needs_grad = needs_dhidden or needs_dweight or needs_dbias
     w = loss_weight.float().contiguous()
     valid = (w != 0) & (targets != ignore_index)
-    one_pass = (loss_type != LOSS_GSPO and aggregation in (AGG_TOKEN_MEAN, AGG_CONSTANT)
-                and (top_entropy_fraction <= 0 or entropy_mask is not None)
-                and (needs_dhidden or needs_dweight or needs_dbias))
-    pl_common = (loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef)
-    schedule = os.environ.get("RUBRIC_FAST_FUSED_SCHEDULE", "auto")
-    if schedule not in ("auto", "one_pass", "two_pass"):
-        raise ValueError(f"RUBRIC_FAST_FUSED_SCHEDULE: got {schedule!r}; accepted: auto, one_pass, two_pass")
-    if schedule == "two_pass":
-        one_pass = False
-    if one_pass:
+    requested = schedule or os.environ.get("RUBRIC_FAST_FUSED_SCHEDULE", "auto")
+    chosen = choose_schedule(cfg, entropy_mask_given=entropy_mask is not None, needs_grad=needs_grad,
+                             requested=requested)
+    ent_for_loss = cfg.entropy_coef != 0
+
+    if chosen == "fused":
         active = valid if entropy_mask is None else valid & entropy_mask.bool()
         active_idx = torch.nonzero(active).squeeze(1)
-        # auto: one pass when the active rows fit one workspace block (dW is then one GEMM, exact fp32
-        # accumulation, no fp32 dW buffer); several blocks would read-modify-write an fp32 dW per block,
-        # which costs more than recomputing the logits at LLM vocabulary sizes, so auto recomputes
-        n_act = active_idx.numel()
-        one_pass = schedule == "one_pass" or n_act <= _row_block(max(n_act, 1), weight.shape[0])
-    if one_pass:
-        coef = token_coefficients(w, seq_index, aggregation, normalizer)
-        inactive_idx = torch.nonzero(~active).squeeze(1)
+        all_active = active_idx.numel() == n
+        idx = None if all_active else active_idx
+        coef = token_coefficients(w, seq_index, cfg.aggregation_code, cfg.normalizer or 0.0)
         logp = new_empty((n,), torch.float32, dev)
         ent = new_empty((n,), torch.float32, dev)
         lse = new_empty((n,), torch.float32, dev)
-        if inactive_idx.numel() > 0:  # forward only (their log-probs are outputs and enter the loss value)
-            lp_i, ent_i, lse_i = forward_rows(hidden.index_select(0, inactive_idx), weight,
-                                              targets.index_select(0, inactive_idx), bias, temperature,
-                                              ignore_index)
-            logp.index_copy_(0, inactive_idx, lp_i)
-            ent.index_copy_(0, inactive_idx, ent_i)
-            lse.index_copy_(0, inactive_idx, lse_i)
-        pl_args = (old_logp, advantages, w, ref_logp, is_weight, entropy_mask, *pl_common,
-                   sapo_tau_pos, sapo_tau_neg)
-        dhidden, dweight, db32 = _one_pass(hidden, weight, targets, bias, temperature, ignore_index, active_idx,
-                                           coef, pl_args, needs_dhidden, needs_dweight, needs_dbias,
-                                           logp, ent, lse, hidden_dtype)
+        # rows without a gradient still need their log-probs (outputs, and they enter the loss value);
+        # ignored rows are all zeros
+        rest = torch.nonzero(~active & (targets != ignore_index)).squeeze(1)
+        ign = torch.nonzero(targets == ignore_index).squeeze(1)
+        if ign.numel():
+            for t in (logp, ent, lse):
+                t.index_fill_(0, ign, 0.0)
+        if rest.numel() > 0:
+            lp_i, ent_i, lse_i = forward_rows(hidden.index_select(0, rest), weight, targets.index_select(0, rest),
+                                              bias, temperature, ignore_index)
+            logp.index_copy_(0, rest, lp_i)
+            ent.index_copy_(0, rest, ent_i)
+            lse.index_copy_(0, rest, lse_i)
+        rows_old, rows_adv, rows_w, rows_coef = (_sel(t, idx) for t in (old_logp, advantages, w, coef))
+        rows_ref, rows_isw, rows_em = (_sel(t, idx) for t in (ref_logp, is_weight, entropy_mask))
+
+        def coefficients(r0, r1, lp_b, ent_b, lse_b):
+            def blk(t):
+                return None if t is None else t[r0:r1]
+
+            gl_b, gh_b, _ = policy_token_grads(
+                cfg, lp_b, lp_b if old_logp is None else blk(rows_old), blk(rows_adv), blk(rows_w), blk(rows_coef),
+                None, blk(rows_ref), blk(rows_isw), ent_b if ent_for_loss else None, blk(rows_em))
+            return gl_b, gh_b
+
+        rb = RowBlockPass(hidden, weight, targets, bias, temperature, ignore_index, idx,
+                          needs_dhidden=needs_dhidden, needs_dweight=needs_dweight, needs_dbias=needs_dbias,
+                          hidden_dtype=hidden_dtype)
+        dhidden, dweight, db32 = rb.run(coefficients=coefficients, out=(logp, ent, lse))
         loss, stats, _, _ = policy_loss_fwd_bwd(
-            logp, logp if old_logp is None else old_logp, advantages, w, ref_logp, is_weight, seq_index, ent if entropy_coef != 0 else None,
-            entropy_mask, loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef,
-            aggregation, normalizer, sapo_tau_pos, sapo_tau_neg)
+            logp, logp if old_logp is None else old_logp, advantages, w, ref_logp, is_weight, seq_index,
+            ent if ent_for_loss else None, entropy_mask, cfg)
         dbias = db32.to(bias.dtype) if needs_dbias else None
         return loss, stats, logp, ent, dhidden, dweight, dbias
 
     logp, ent, lse = forward_rows(hidden, weight, targets, bias, temperature, ignore_index)
     if old_logp is None:
         old_logp = logp
-    if entropy_mask is None and top_entropy_fraction > 0:
-        entropy_mask = top_entropy_mask(ent, valid, top_entropy_fraction)
+    if entropy_mask is None and cfg.top_entropy_fraction is not None:
+        entropy_mask = top_entropy_mask(ent, valid, cfg.top_entropy_fraction)
     loss, stats, gl, gh = policy_loss_fwd_bwd(
-        logp, old_logp, advantages, w, ref_logp, is_weight, seq_index, ent if entropy_coef != 0 else None,
-        entropy_mask, loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, aggregation,
-        normalizer, sapo_tau_pos, sapo_tau_neg)
+        logp, old_logp, advantages, w, ref_logp, is_weight, seq_index, ent if ent_for_loss else None, entropy_mask,
+        cfg)
     dhidden = dweight = dbias = None
-    if needs_dhidden or needs_dweight or needs_dbias:
-        dhidden, dweight, dbias = linear_logprob_entropy_bwd(
-            hidden, weight, targets, bias, lse, ent, gl, gh, temperature, ignore_index,
-            needs_dhidden, needs_dweight, needs_dbias)
-        if dhidden is not None and dhidden.dtype != hidden_dtype:
-            dhidden = dhidden.to(hidden_dtype)
+    if needs_grad:
+        active = (targets != ignore_index) & ((gl != 0) | (gh != 0))
+        active_idx = torch.nonzero(active).squeeze(1)
+        idx = None if active_idx.numel() == n else active_idx
+        rb = RowBlockPass(hidden, weight, targets, bias, temperature, ignore_index, idx,
+                          needs_dhidden=needs_dhidden, needs_dweight=needs_dweight, needs_dbias=needs_dbias,
+                          hidden_dtype=hidden_dtype)
+        mu = lse - ent
+        given = tuple(_sel(t, idx).contiguous() for t in (lse, mu, gl, gh))
+        dhidden, dweight, db32 = rb.run(given=given)
+        dbias = db32.to(bias.dtype) if needs_dbias else None
     return loss, stats, logp, ent, dhidden, dweight, dbias

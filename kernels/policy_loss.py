@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, new_empty
+from ..reference.types import PolicyLossConfig
+from . import plan
+from ._common import f32, new_empty
 
 LOSS_PPO, LOSS_CISPO, LOSS_SAPO, LOSS_GSPO = 0, 1, 2, 3
 KL_K1, KL_K2, KL_K3 = 0, 1, 2
@@ -148,25 +150,27 @@ def token_coefficients(loss_weight, seq_index, aggregation: int, normalizer: flo
     return torch.where(d != 0, c, torch.zeros_like(c))
 
 
-def policy_token_grads(lp, old_logp, advantages, w, coef, lr_tok, ref_logp, is_weight, entropy, entropy_mask,
-                       loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, sapo_tau_pos,
-                       sapo_tau_neg):
+def policy_token_grads(cfg: PolicyLossConfig, lp, old_logp, advantages, w, coef, lr_tok=None, ref_logp=None,
+                       is_weight=None, entropy=None, entropy_mask=None):
     """The elementwise pass with given coefficients c_t: (grad_logp, grad_entropy, partial sums [blocks, 5])."""
     n = lp.shape[0]
     dev = lp.device
     lp = lp.float().contiguous()
     w = w.contiguous()
     coef = coef.contiguous()
-    block = 64 if interpreting() else 1024
-    nb = max(1, triton.cdiv(n, block))
+    delta, dual = cfg.delta or 0.0, cfg.dual_clip or 0.0
+    spec = plan.policy_loss_launch(n, loss=cfg.loss_code, kl=cfg.kl_code, has_lr=lr_tok is not None,
+                                   has_delta=delta > 0, has_dual=dual > 0, has_ref=ref_logp is not None,
+                                   has_isw=is_weight is not None, has_ent=entropy is not None,
+                                   has_emask=entropy_mask is not None)
     grad_logp = new_empty((n,), torch.float32, dev)
     grad_ent = new_empty((n,), torch.float32, dev)
-    part = new_empty((nb, 5), torch.float32, dev)
+    part = new_empty((spec.grid[0], 5), torch.float32, dev)
     if n == 0:
         part.zero_()
     else:
         dummy = lp
-        _policy_loss_kernel[(nb,)](
+        _policy_loss_kernel[spec.grid](
             lp, old_logp.contiguous(), advantages.contiguous(), w, coef,
             lr_tok if lr_tok is not None else dummy,
             ref_logp.contiguous() if ref_logp is not None else dummy,
@@ -174,38 +178,37 @@ def policy_token_grads(lp, old_logp, advantages, w, coef, lr_tok, ref_logp, is_w
             entropy.contiguous() if entropy is not None else dummy,
             entropy_mask.contiguous() if entropy_mask is not None else dummy,
             grad_logp, grad_ent, part, n,
-            float(eps_low), float(eps_high), float(delta) if delta > 0 else 0.0,
-            float(dual_clip) if dual_clip > 0 else 0.0, float(beta), float(entropy_coef),
-            float(sapo_tau_pos), float(sapo_tau_neg),
-            LOSS=int(loss_type), KL=int(kl_type), HAS_LR=lr_tok is not None, HAS_DELTA=delta > 0,
-            HAS_DUAL=dual_clip > 0, HAS_REF=ref_logp is not None, HAS_ISW=is_weight is not None,
-            HAS_ENT=entropy is not None, HAS_EMASK=entropy_mask is not None, BLOCK=block)
+            f32(cfg.eps_low), f32(cfg.eps_high), f32(delta), f32(dual), f32(cfg.beta), f32(cfg.entropy_coef),
+            f32(cfg.sapo_tau_pos), f32(cfg.sapo_tau_neg), **spec.constexprs, num_warps=spec.num_warps,
+            num_stages=spec.num_stages)
     return grad_logp, grad_ent, part
 
 
+def unpack(fparams, iparams) -> PolicyLossConfig:
+    """The packed config (PolicyLossConfig.to_op_args) as the dataclass, validated."""
+    return fparams if isinstance(fparams, PolicyLossConfig) else PolicyLossConfig.from_op_args(fparams, iparams)
+
+
 def policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                        entropy_mask, loss_type: int, eps_low: float, eps_high: float, delta: float,
-                        dual_clip: float, beta: float, kl_type: int, entropy_coef: float, aggregation: int,
-                        normalizer: float, sapo_tau_pos: float, sapo_tau_neg: float):
+                        entropy_mask, fparams, iparams=None):
     """-> (loss 0-dim f32, stats f32[4] = clip_frac_low, clip_frac_high, kl_mean, ratio_mean,
     grad_logp f32[N], grad_entropy f32[N]) for an upstream gradient of 1.
-    delta, dual_clip, normalizer <= 0 mean unset; entropy / ref_logp / is_weight / entropy_mask may be None."""
-    delta, dual_clip, normalizer = float(delta or 0.0), float(dual_clip or 0.0), float(normalizer or 0.0)
+
+    ``fparams, iparams``: the packed PolicyLossConfig (``cfg.to_op_args()``; a PolicyLossConfig is accepted
+    too). entropy / ref_logp / is_weight / entropy_mask may be None."""
+    cfg = unpack(fparams, iparams)
     n = logp.shape[0]
     dev = logp.device
-    if loss_type not in (0, 1, 2, 3):
-        raise ValueError(f"loss_type: expected 0 ppo_clip, 1 cispo, 2 sapo, 3 gspo; got {loss_type}")
-    if kl_type not in (0, 1, 2):
-        raise ValueError(f"kl_type: expected 0 k1, 1 k2, 2 k3; got {kl_type}")
-    if beta > 0 and ref_logp is None:
+    if cfg.beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when beta > 0")
-    if entropy_coef != 0 and entropy is None:
+    if cfg.entropy_coef != 0 and entropy is None:
         raise ValueError("entropy: required when entropy_coef != 0")
+    loss_type, aggregation = cfg.loss_code, cfg.aggregation_code
     needs_seq = loss_type == LOSS_GSPO or aggregation in (AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM)
     inv, n_seq = _segments(seq_index, n, dev) if needs_seq else (None, 0)
     lp = logp.float().contiguous()
     w = loss_weight.float().contiguous()
-    coef = token_coefficients(w, seq_index, aggregation, normalizer, inv, n_seq).contiguous()
+    coef = token_coefficients(w, seq_index, aggregation, cfg.normalizer or 0.0, inv, n_seq).contiguous()
     lr_tok = None
     if loss_type == LOSS_GSPO:
         mask = (w != 0).float()
@@ -213,9 +216,8 @@ def policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_we
         lr = torch.where(w != 0, lr, torch.zeros_like(lr))
         seq_lr = _seg_sum(lr, inv, n_seq) / _seg_sum(mask, inv, n_seq).clamp_min(1)
         lr_tok = seq_lr[inv].contiguous()
-    grad_logp, grad_ent, part = policy_token_grads(
-        lp, old_logp, advantages, w, coef, lr_tok, ref_logp, is_weight, entropy, entropy_mask, loss_type, eps_low,
-        eps_high, delta, dual_clip, beta, kl_type, entropy_coef, sapo_tau_pos, sapo_tau_neg)
+    grad_logp, grad_ent, part = policy_token_grads(cfg, lp, old_logp, advantages, w, coef, lr_tok, ref_logp,
+                                                   is_weight, entropy, entropy_mask)
     sums = part.sum(0)
     cnt = (w != 0).sum().float().clamp_min(1.0)
     stats = sums[1:] / cnt

@@ -27,3 +27,16 @@ def cpu_available() -> bool:
 
 def cuda_available() -> bool:
     return _load()[1]
+
+
+def reason() -> str:
+    """Why a native backend is missing, in a few words (for the one log line of the op dispatch)."""
+    try:
+        from . import _native
+    except ImportError:
+        return "no loader"
+    if _native.load_error:
+        return f"extension not loaded: {_native.load_error}"
+    if not _native.CUDA_COMPILED:
+        return "built without CUDA"
+    return "no CUDA device"

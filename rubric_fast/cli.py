@@ -1,4 +1,4 @@
-"""`rubric-fast train|score|bench|report ...`.
+"""`rubric-fast train|score|bench|report|selfcheck|compile-check ...`.
 
 Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only wires them up, importing each lazily so that ``rubric-fast score``
@@ -18,6 +18,8 @@ COMMANDS = {
     "bench": ("rubric_fast.bench_command", "run the kernel microbenchmarks on this device and print a table"),
     "report": ("rubric_fast.trainer.report", "write PNG plots and an HTML page for a run directory"),
     "selfcheck": ("rubric_fast.selfcheck", "check every available backend against the reference"),
+    "compile-check": ("rubric_fast.compile_check",
+                      "compile every Triton kernel variant for sm_90 / sm_80 ahead of time (no GPU needed)"),
 }
 
 

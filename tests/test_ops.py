@@ -210,16 +210,14 @@ def test_opcheck_every_op():
     x, w, b, t = _lle_inputs(6, 4, 9)
     lp, old, adv, lw, ref, isw, ent, seq = _policy_inputs(6)
     cfg = R.PolicyLossConfig(loss="gspo", beta=0.1, entropy_coef=0.01, aggregation="seq_mean_token_mean")
-    from rubric_fast.ops.policy import config_args
-
     cases = [
         (torch.ops.rubric_fast.linear_logprob_entropy.default,
          (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), 0.8, -100, "torch")),
         (torch.ops.rubric_fast.policy_loss.default,
-         (lp.requires_grad_(), old, adv, lw, ref, isw, seq, ent.requires_grad_(), None, *config_args(cfg), "torch")),
+         (lp.requires_grad_(), old, adv, lw, ref, isw, seq, ent.requires_grad_(), None, *cfg.to_op_args(), "torch")),
         (torch.ops.rubric_fast.fused_linear_policy_loss.default,
-         (x, w, t, old, adv, lw, ref, isw, seq, None, b, 0.8, -100, *config_args(cfg), 0.5, True, True, True,
-          "torch")),
+         (x, w, t, old, adv, lw, ref, isw, seq, None, b, 0.8, -100, *cfg.replace(top_entropy_fraction=0.5).to_op_args(),
+          True, True, True, "torch")),
         (torch.ops.rubric_fast.group_advantages.default,
          (torch.rand(8), torch.tensor([0, 0, 1, 1, 1, 2, 3, 3]), "grpo", "group", 1e-6, 0.1, None, "torch")),
         (torch.ops.rubric_fast.entropy_mask.default, (torch.rand(10), torch.rand(10) > 0.3, 0.4, "torch")),
@@ -323,3 +321,22 @@ def test_fused_on_policy_old_logp_none_equals_explicit_old(backend):
     torch.testing.assert_close(loss, loss2)
     torch.testing.assert_close(a.grad, c.grad)
     assert stats.ratio_mean.item() == pytest.approx(1.0)
+
+
+def test_fused_backward_scales_in_place_and_refuses_a_second_backward():
+    """The fused op's gradients are computed in the forward; its backward scales them in place (no second
+    dW-sized buffer). A second backward through the same graph is refused loudly, never wrong."""
+    x, w, b, t = _lle_inputs(9, 8, 31, dtype=torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    adv, lw = torch.randn(9), (t != -100).float()
+    cfg = R.PolicyLossConfig()
+    loss, *_ = ops.fused_linear_policy_loss(x, w, t, None, adv, lw, config=cfg)
+    (3.0 * loss).backward(retain_graph=True)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref_loss, *_ = R.fused_linear_policy_loss(xr, wr, t, None, adv.double(), lw.double(), config=cfg)
+    (3.0 * ref_loss).backward()
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

@@ -125,7 +125,7 @@ else:
         assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
 
     def test_linear_logprob_entropy_bwd_chunks_and_flags(gen, monkeypatch):
-        # a tiny workspace forces several vocabulary chunks; the Triton fp32-accumulate GEMM is forced too
+        # a tiny workspace forces several row blocks; the Triton fp32-accumulate GEMM is forced too
         n, h, v = 9, 16, 130
         x, w, b, t = _inputs(gen, n, h, v)
         xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
@@ -170,9 +170,7 @@ else:
         return [a.float().double() if a.is_floating_point() else a for a in (lp, old, adv, w, reflp, isw, seq, ent)] + [emask]
 
     def _codes(cfg):
-        return (cfg.loss_code, cfg.eps_low, cfg.eps_high, cfg.delta or 0.0, cfg.dual_clip or 0.0, cfg.beta,
-                cfg.kl_code, cfg.entropy_coef, cfg.aggregation_code, cfg.normalizer or 0.0, cfg.sapo_tau_pos,
-                cfg.sapo_tau_neg)
+        return cfg.to_op_args()
 
     def _check_policy(cfg, lp, old, adv, w, reflp, isw, seq, ent, emask):
         lpr = lp.clone().requires_grad_()
@@ -247,8 +245,7 @@ else:
         f = (lambda a: a.float() if a is not None else None)
         out = fused_mod.fused_linear_policy_loss_fwd_bwd(
             x.to(dtype), w.to(dtype), t, f(old), f(adv), f(lw), f(reflp), f(isw), seq, emask, *_codes(cfg),
-            cfg.top_entropy_fraction or 0.0, b.to(dtype) if b is not None else None, temperature, -100,
-            True, True, b is not None)
+            b.to(dtype) if b is not None else None, temperature, -100, True, True, b is not None)
         l2, s2, lp2, en2, dx, dw, db = out
         what = f"{cfg.loss}/{cfg.aggregation}/top={cfg.top_entropy_fraction}/mask={with_mask}"
         _close(l2, loss.detach(), tol, f"loss {what}")
@@ -266,23 +263,23 @@ else:
     @pytest.mark.parametrize("loss", ["ppo_clip", "cispo", "sapo", "gspo"])
     @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"])
     def test_fused_all_codes(gen, monkeypatch, loss, agg):
-        # a workspace of 16 rows: the one-pass schedule runs several row blocks (fp32 dW accumulation)
+        # a workspace of 16 rows: the fused schedule runs several row blocks (dW accumulated over them)
         monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", str(16 * 37 * 4 / 2 ** 20))
-        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "one_pass")
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "fused")
         cfg = PolicyLossConfig(loss=loss, aggregation=agg, beta=0.05, kl="k3", entropy_coef=0.01,
                                normalizer=50.0 if agg == "constant" else None,
                                dual_clip=3.0 if loss == "ppo_clip" else None)
         _check_fused(gen, cfg, 33, 16, 37)
 
     @pytest.mark.parametrize("top,with_mask,schedule", [(0.3, False, "auto"), (None, True, "auto"),
-                                                         (0.2, True, "auto"), (None, False, "two_pass"),
-                                                         (None, True, "one_pass")])
+                                                         (0.2, True, "auto"), (None, False, "recompute"),
+                                                         (None, True, "fused")])
     def test_fused_entropy_selection(gen, monkeypatch, top, with_mask, schedule):
         monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
         cfg = PolicyLossConfig(loss="ppo_clip", aggregation="token_mean", top_entropy_fraction=top, entropy_coef=0.01)
         _check_fused(gen, cfg, 33, 24, 130, with_mask=with_mask, with_bias=False, temperature=1.0)
 
-    @pytest.mark.parametrize("schedule", ["one_pass", "two_pass"])
+    @pytest.mark.parametrize("schedule", ["fused", "recompute"])
     def test_fused_on_policy_old_logp_none(gen, monkeypatch, schedule):
         monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
         cfg = PolicyLossConfig(loss="ppo_clip", aggregation="token_mean", beta=0.02)
@@ -291,8 +288,66 @@ else:
     def test_fused_single_row_and_fp16_in_place(gen, monkeypatch):
         cfg = PolicyLossConfig(loss="cispo", aggregation="constant", normalizer=4.0)
         _check_fused(gen, cfg, 1, 16, 37)
-        # fp16: dlogits are written in place over the fp32 logits workspace (narrower rows, same row stride)
+        # fp16: dlogits are written in place over the fp32 logits workspace (narrower rows, same row stride);
+        # several row blocks accumulate dW in fp16 (addmm)
         monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", str(16 * 130 * 4 / 2 ** 20))
-        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "one_pass")
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", "fused")
         cfg = PolicyLossConfig(loss="sapo", aggregation="token_mean")
         _check_fused(gen, cfg, 33, 16, 130, dtype=torch.float16, tol=3e-3)
+
+    @pytest.mark.parametrize("schedule", ["fused", "recompute"])
+    def test_fused_fp16_dw_fp32_accumulation(gen, monkeypatch, schedule):
+        # several row blocks with dW accumulated in an fp32 buffer by the Triton GEMM (_mm_accumulate_kernel)
+        monkeypatch.setenv("RUBRIC_FAST_WORKSPACE_MB", str(16 * 130 * 4 / 2 ** 20))
+        monkeypatch.setenv("RUBRIC_FAST_DW_ACCUM", "fp32")
+        monkeypatch.setenv("RUBRIC_FAST_FUSED_SCHEDULE", schedule)
+        monkeypatch.setattr(lle, "FORCE_TRITON_MM", True)
+        from rubric_fast.kernels import plan
+
+        tile = plan.tile_config(torch.float16, None)
+        bp = plan.plan_blocks(33, 16, 130, dtype=torch.float16, tile=tile, needs_dweight=True, fixed_bytes=0)
+        assert bp.dw_accum == "fp32" and bp.n_blocks == 3
+        cfg = PolicyLossConfig(loss="ppo_clip", aggregation="seq_mean_token_mean", beta=0.05, entropy_coef=0.01)
+        _check_fused(gen, cfg, 33, 16, 130, dtype=torch.float16, tol=3e-3)
+
+    def test_logp_never_positive_large_logits(gen):
+        # logits of size ~1e4 in fp32: rounding alone must not make a log-prob positive or an entropy negative
+        n, h, v = 29, 16, 131
+        x, w, b, t = _inputs(gen, n, h, v, n_ignored=0)
+        x = x * 3e3
+        lp, en, ls = lle.linear_logprob_entropy_fwd(x.float(), w.float(), t, b.float(), 1.0, -100)
+        assert torch.isfinite(lp).all() and (lp <= 0).all(), lp.max()
+        assert (en >= 0).all()
+        # a target at the row's maximum: the case rounding pushes above 0
+        z = x.float() @ w.float().T + b.float()
+        t2 = z.argmax(1)
+        lp2, en2, _ = lle.linear_logprob_entropy_fwd(x.float(), w.float(), t2, b.float(), 1.0, -100)
+        assert (lp2 <= 0).all() and (en2 >= 0).all()
+        rl, _, _ = ref.linear_logprob_entropy(x.double(), w.double(), t2, bias=b.double())
+        _close(lp2, rl, 1e-6, "logp at the argmax")
+
+    def test_launchers_launch_what_the_plan_says(gen, monkeypatch):
+        """compile-check compiles kernels/plan.py's launches: the launchers must launch exactly those."""
+        from rubric_fast.kernels import plan
+
+        launched = []
+        real = lle._launch
+
+        def spy(spec, *args):
+            launched.append(spec)
+            return real(spec, *args)
+
+        monkeypatch.setattr(lle, "_launch", spy)
+        n, h, v = 40, 16, 130
+        x, w, b, t = _inputs(gen, n, h, v, n_ignored=0)
+        old = torch.randn(n, generator=gen) - 3
+        adv = torch.randn(n, generator=gen)
+        lw = torch.ones(n)
+        for schedule, cfg in (("fused", PolicyLossConfig()), ("recompute", PolicyLossConfig(loss="gspo"))):
+            launched.clear()
+            fused_mod.fused_linear_policy_loss_fwd_bwd(
+                x.float(), w.float(), t, old, adv, lw, None, None, torch.arange(n) // 8, None, *cfg.to_op_args(),
+                b.float(), 1.0, -100, True, True, True, schedule=schedule)
+            want = plan.plan_fused(n, h, v, dtype=torch.float32, arch=None, schedule=schedule, has_bias=True).launches
+            key = (lambda s: (s.kernel, tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages))
+            assert launched and {key(s) for s in launched} <= {key(s) for s in want}, (schedule, launched, want)

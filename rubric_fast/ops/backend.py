@@ -1,8 +1,12 @@
 """Backend choice: ``torch`` (reference), ``cpu`` (C++), ``cuda`` (C++), ``triton``.
 
-The choice is automatic per device (CUDA tensors: triton, then cuda, then torch; CPU tensors: cpu, then
-torch) and can be forced with ``RUBRIC_FAST_BACKEND=torch|cpu|cuda|triton`` or :func:`use_backend`.
-A backend that cannot run an op on the given device falls back to the next one with one log line.
+Each op has one table (backend -> implementation; absent means unsupported): ``FORWARD`` / ``BACKWARD`` in
+ops/linear.py, ``POLICY_LOSS`` / ``FUSED`` in ops/policy.py, ``GROUP_ADVANTAGES`` / ``ENTROPY_MASK`` in
+ops/small.py. The choice is automatic per device, the first of the op's table in this order that can run
+here (CUDA tensors: triton, then cuda, then torch; CPU tensors: cpu, then torch), and can be forced with
+``RUBRIC_FAST_BACKEND=torch|cpu|cuda|triton`` or :func:`use_backend`. Whenever the backend that would
+run is not the op's preferred one (a native extension not built, triton missing, a forced backend the op
+lacks) one log line says so: a fall-back to the reference is never silent.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def _parse(name: str | None, source: str) -> str | None:
 _forced = _parse(os.environ.get("RUBRIC_FAST_BACKEND"), "RUBRIC_FAST_BACKEND")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -72,19 +76,36 @@ _ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _warned: set[tuple[str, str, str]] = set()
 
 
+def _why_not(backend: str, device: torch.device) -> str:
+    if backend == "triton":
+        return "triton is not installed" if not _triton_importable() else f"triton does not run on {device.type}"
+    if backend in ("cpu", "cuda"):
+        return f"the native {backend.upper()} ops of rubric_fast._C are not available ({_native_status.reason()})"
+    return "unavailable"
+
+
 def select(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS) -> str:
-    """The backend that runs ``op`` on ``device``: the forced one if it can, else the first that can."""
-    order = _ORDER.get(device.type, ("torch",))
+    """The backend that runs ``op`` on ``device``: the forced one if it can, else the first of the op's
+    ``supported`` backends, in this device's order, that can run here."""
+    order = _ORDER.get(device.type, ("torch",)) + ("torch",)
+    chosen = next(b for b in order if b in supported and _runs_on(b, device))
     if _forced is not None:
         if _forced in supported and _runs_on(_forced, device):
             return _forced
-        chosen = next(b for b in order + ("torch",) if b in supported and _runs_on(b, device))
         key = (_forced, op, device.type)
         if key not in _warned:
             _warned.add(key)
-            log.warning("rubric_fast: backend %r cannot run %s on %s; using %r", _forced, op, device.type, chosen)
+            why = "has no such implementation" if _forced not in supported else _why_not(_forced, device)
+            log.warning("rubric_fast: backend %r cannot run %s on %s (%s); using %r", _forced, op, device.type,
+                        why, chosen)
         return chosen
-    return next(b for b in order + ("torch",) if b in supported and _runs_on(b, device))
+    preferred = next(b for b in order if b in supported)
+    if chosen != preferred:
+        key = (preferred, op, device.type)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("rubric_fast: %s on %s runs on %r: %s", op, device.type, chosen, _why_not(preferred, device))
+    return chosen
 
 
 def current_backend() -> str | None:

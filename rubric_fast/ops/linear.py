@@ -9,48 +9,66 @@ from ..reference.linear_logprob_entropy import backward_grads, forward_stats
 from . import backend as _backend
 from ._checks import check_same_device, out_dtype
 
-_SUPPORTED = ("torch", "cpu", "cuda", "triton")
-
 
 def _empty(device):
     return torch.empty(0, device=device, dtype=torch.float32)
 
 
-def forward_impl(be, hidden, weight, targets, bias, temperature, ignore_index):
-    if be in ("cpu", "cuda"):
-        return tuple(torch.ops.rubric_fast.linear_logprob_entropy_fwd_native(
-            hidden, weight, targets, bias, temperature, ignore_index))
-    if be == "triton":
-        from ..kernels.linear_logprob_entropy import linear_logprob_entropy_fwd
-
-        return tuple(linear_logprob_entropy_fwd(hidden, weight, targets, bias, temperature, ignore_index))
-    return forward_stats(hidden, weight, targets, bias, temperature, ignore_index)
+def _fwd_native(hidden, weight, targets, bias, temperature, ignore_index):
+    return tuple(torch.ops.rubric_fast.linear_logprob_entropy_fwd_native(
+        hidden, weight, targets, bias, temperature, ignore_index))
 
 
-def backward_impl(be, hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index,
-                  needs):
-    if be in ("cpu", "cuda"):
-        dx, dw, db = torch.ops.rubric_fast.linear_logprob_entropy_bwd_native(
-            hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, *needs)
-    elif be == "triton":
-        from ..kernels.linear_logprob_entropy import linear_logprob_entropy_bwd
+def _fwd_triton(hidden, weight, targets, bias, temperature, ignore_index):
+    from ..kernels.linear_logprob_entropy import linear_logprob_entropy_fwd
 
-        dx, dw, db = linear_logprob_entropy_bwd(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent,
-                                                temperature, ignore_index, *needs)
-    else:
-        dx, dw, db = backward_grads(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent,
-                                            temperature, ignore_index, needs=needs)
-    dx = dx.to(hidden.dtype) if needs[0] and dx is not None and dx.numel() == hidden.numel() else None
-    dw = dw.to(weight.dtype) if needs[1] and dw is not None and dw.numel() == weight.numel() else None
-    db = db.to(bias.dtype) if (bias is not None and needs[2] and db is not None and db.numel() == bias.numel()) else None
-    return dx, dw, db
+    return tuple(linear_logprob_entropy_fwd(hidden, weight, targets, bias, temperature, ignore_index))
+
+
+def _bwd_native(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, needs):
+    return torch.ops.rubric_fast.linear_logprob_entropy_bwd_native(
+        hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, *needs)
+
+
+def _bwd_triton(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, needs):
+    from ..kernels.linear_logprob_entropy import linear_logprob_entropy_bwd
+
+    return linear_logprob_entropy_bwd(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature,
+                                      ignore_index, *needs)
+
+
+def _bwd_torch(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, needs):
+    return backward_grads(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index,
+                          needs=needs)
+
+
+# One table per op: backend -> implementation; absent means unsupported. The native CUDA entry of this op is
+# the ATen-chunked fallback of csrc/cpu/linear_logprob_entropy.cpp (the Triton kernels are the fast path).
+FORWARD = {"torch": forward_stats, "cpu": _fwd_native, "cuda": _fwd_native, "triton": _fwd_triton}
+_BACKWARD_RAW = {"torch": _bwd_torch, "cpu": _bwd_native, "cuda": _bwd_native, "triton": _bwd_triton}
+
+
+def _backward_impl(be):
+    def run(hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature, ignore_index, needs):
+        dx, dw, db = _BACKWARD_RAW[be](hidden, weight, targets, bias, lse, entropy, g_logp, g_ent, temperature,
+                                       ignore_index, needs)
+        dx = dx.to(hidden.dtype) if needs[0] and dx is not None and dx.numel() == hidden.numel() else None
+        dw = dw.to(weight.dtype) if needs[1] and dw is not None and dw.numel() == weight.numel() else None
+        db = (db.to(bias.dtype) if (bias is not None and needs[2] and db is not None and db.numel() == bias.numel())
+              else None)
+        return dx, dw, db
+
+    return run
+
+
+BACKWARD = {be: _backward_impl(be) for be in _BACKWARD_RAW}
 
 
 @torch.library.custom_op("rubric_fast::linear_logprob_entropy", mutates_args=())
 def _lle_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, temperature: float,
             ignore_index: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dt = out_dtype(hidden, weight, bias)
-    logp, ent, lse = forward_impl(backend, hidden, weight, targets, bias, temperature, ignore_index)
+    logp, ent, lse = FORWARD[backend](hidden, weight, targets, bias, temperature, ignore_index)
     return logp.to(dt).contiguous(), ent.to(dt).contiguous(), lse.to(dt).contiguous()
 
 
@@ -67,8 +85,8 @@ def _lle_bwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | 
                 needs_dhidden: bool, needs_dweight: bool, needs_dbias: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     needs = (needs_dhidden, needs_dweight, needs_dbias and bias is not None)
-    dx, dw, db = backward_impl(backend, hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy,
-                               temperature, ignore_index, needs)
+    dx, dw, db = BACKWARD[backend](hidden, weight, targets, bias, lse, entropy, grad_logp, grad_entropy,
+                                   temperature, ignore_index, needs)
     e = hidden.device  # each empty output is its own tensor: outputs may not alias each other
     return (_empty(e) if dx is None else dx.contiguous(), _empty(e) if dw is None else dw.contiguous(),
             _empty(e) if db is None else db.contiguous())
@@ -136,7 +154,7 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     check_lle_inputs(hidden, weight, targets, bias)
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    be = _backend.select(hidden.device, "linear_logprob_entropy", _SUPPORTED)
+    be = _backend.select(hidden.device, "linear_logprob_entropy", tuple(FORWARD))
     logp, ent, lse = _lle_op(hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
                              None if bias is None else bias.contiguous(), float(temperature), int(ignore_index), be)
     return logp, (ent if return_entropy else None), lse.detach()

@@ -11,62 +11,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference.entropy_mask import topk_mask, selection_count
+from ..reference.entropy_mask import selection_count, topk_mask
 from ..reference.policy_loss import policy_loss_with_grads
 from ..reference.types import PolicyLossConfig, PolicyLossStats
 from . import backend as _backend
 from ._checks import check_same_device, check_vector, out_dtype
-from .linear import backward_impl, check_lle_inputs, forward_impl
+from .linear import BACKWARD, FORWARD, check_lle_inputs
 
-_SUPPORTED = ("torch", "cpu", "cuda", "triton")
-
-
-def config_args(cfg: PolicyLossConfig) -> tuple:
-    """The config as the flat scalars the kernels take (<= 0 means 'not set')."""
-    return (cfg.loss_code, float(cfg.eps_low), float(cfg.eps_high), float(cfg.delta or -1.0),
-            float(cfg.dual_clip or -1.0), float(cfg.beta), cfg.kl_code, float(cfg.entropy_coef),
-            cfg.aggregation_code, float(cfg.normalizer or -1.0), float(cfg.sapo_tau_pos), float(cfg.sapo_tau_neg))
+# ----------------------------------------------------------------------------------------------------------
+# policy_loss: one implementation per backend; absent means unsupported
 
 
-def config_from_args(loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, aggregation,
-                     normalizer, sapo_tau_pos, sapo_tau_neg) -> PolicyLossConfig:
-    from ..reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
-
-    return PolicyLossConfig(
-        loss=LOSSES[loss_type], eps_low=eps_low, eps_high=eps_high, delta=delta if delta > 0 else None,
-        dual_clip=dual_clip if dual_clip > 0 else None, beta=beta, kl=KL_ESTIMATORS[kl_type],
-        entropy_coef=entropy_coef, aggregation=AGGREGATIONS[aggregation],
-        normalizer=normalizer if normalizer > 0 else None, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+def _pl_native(cfg, *tensors):
+    return tuple(torch.ops.rubric_fast.policy_loss_native(*tensors, *cfg.to_op_args()))
 
 
-def policy_loss_impl(be, logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
-                     entropy_mask, cfg_args):
-    if be in ("cpu", "cuda"):
-        return tuple(torch.ops.rubric_fast.policy_loss_native(
-            logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy, entropy_mask,
-            *cfg_args))
-    if be == "triton":
-        from ..kernels.policy_loss import policy_loss_fwd_bwd
+def _pl_triton(cfg, *tensors):
+    from ..kernels.policy_loss import policy_loss_fwd_bwd
 
-        return tuple(policy_loss_fwd_bwd(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
-                                         entropy, entropy_mask, *cfg_args))
+    return tuple(policy_loss_fwd_bwd(*tensors, cfg))
+
+
+def _pl_torch(cfg, logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy, entropy_mask):
     return policy_loss_with_grads(logp, old_logp, advantages, loss_weight, ref_logp=ref_logp, is_weight=is_weight,
-                                  seq_index=seq_index, config=config_from_args(*cfg_args), entropy=entropy,
-                                  entropy_mask=entropy_mask)
+                                  seq_index=seq_index, config=cfg, entropy=entropy, entropy_mask=entropy_mask)
+
+
+# backend -> (config, logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy,
+# entropy_mask) -> (loss, stats f32[4], grad_logp, grad_entropy)
+POLICY_LOSS = {"torch": _pl_torch, "cpu": _pl_native, "cuda": _pl_native, "triton": _pl_triton}
 
 
 @torch.library.custom_op("rubric_fast::policy_loss", mutates_args=())
 def _policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, loss_weight: Tensor,
                     ref_logp: Tensor | None, is_weight: Tensor | None, seq_index: Tensor | None,
-                    entropy: Tensor | None, entropy_mask: Tensor | None, loss_type: int, eps_low: float,
-                    eps_high: float, delta: float, dual_clip: float, beta: float, kl_type: int,
-                    entropy_coef: float, aggregation: int, normalizer: float, sapo_tau_pos: float,
-                    sapo_tau_neg: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg_args = (loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, aggregation,
-                normalizer, sapo_tau_pos, sapo_tau_neg)
+                    entropy: Tensor | None, entropy_mask: Tensor | None, fparams: list[float], iparams: list[int],
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = PolicyLossConfig.from_op_args(fparams, iparams)
     dt = out_dtype(logp)
-    loss, stats, g_lp, g_ent = policy_loss_impl(backend, logp, old_logp, advantages, loss_weight, ref_logp,
-                                                is_weight, seq_index, entropy, entropy_mask, cfg_args)
+    loss, stats, g_lp, g_ent = POLICY_LOSS[backend](cfg, logp, old_logp, advantages, loss_weight, ref_logp,
+                                                    is_weight, seq_index, entropy, entropy_mask)
     return (loss.to(dt).reshape(()).clone(), stats.float().reshape(4).clone(), g_lp.to(dt).contiguous(),
             g_ent.to(dt).contiguous())
 
@@ -79,18 +63,25 @@ def _(logp, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, e
             logp.new_empty(n, dtype=dt))
 
 
+_PL_ENTROPY = 7  # index of ``entropy`` among the op's inputs
+
+
 def _pl_setup(ctx, inputs, output):
     _, _, g_lp, g_ent = output
     ctx.save_for_backward(g_lp, g_ent)
-    ctx.dtypes = (inputs[0].dtype, None if inputs[7] is None else inputs[7].dtype)
+    ctx.dtypes = (inputs[0].dtype, None if inputs[_PL_ENTROPY] is None else inputs[_PL_ENTROPY].dtype)
+    ctx.n_inputs = len(inputs)
 
 
 def _pl_backward(ctx, g_loss, g_stats, g_glp, g_gent):
     g_lp, g_ent = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    d_logp = (g_loss * g_lp).to(ctx.dtypes[0]) if needs[0] else None
-    d_ent = (g_loss * g_ent).to(ctx.dtypes[1]) if (needs[7] and ctx.dtypes[1] is not None) else None
-    return (d_logp, None, None, None, None, None, None, d_ent) + (None,) * 14
+    grads = [None] * ctx.n_inputs
+    if needs[0]:
+        grads[0] = (g_loss * g_lp).to(ctx.dtypes[0])
+    if needs[_PL_ENTROPY] and ctx.dtypes[1] is not None:
+        grads[_PL_ENTROPY] = (g_loss * g_ent).to(ctx.dtypes[1])
+    return tuple(grads)
 
 
 _policy_loss_op.register_autograd(_pl_backward, setup_context=_pl_setup)
@@ -144,11 +135,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, loss_weight:
     _check_policy_inputs(logp.shape[0], config, logp=logp, old_logp=old_logp, advantages=advantages,
                          loss_weight=loss_weight, ref_logp=ref_logp, is_weight=is_weight, seq_index=seq_index,
                          entropy=entropy, entropy_mask=entropy_mask)
-    be = _backend.select(logp.device, "policy_loss", _SUPPORTED)
+    be = _backend.select(logp.device, "policy_loss", tuple(POLICY_LOSS))
     loss, stats, _, _ = _policy_loss_op(
         logp.contiguous(), old_logp.detach().contiguous(), advantages.detach().contiguous(),
         loss_weight.detach().contiguous(), _c(ref_logp), _c(is_weight), _c(seq_index), _c(entropy),
-        _mask_arg(entropy_mask), *config_args(config), be)
+        _mask_arg(entropy_mask), *config.to_op_args(), be)
     return loss, PolicyLossStats(*stats.unbind(0))
 
 
@@ -156,48 +147,56 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, loss_weight:
 # fused: linear -> log-prob / entropy -> (entropy selection) -> loss, gradients computed in the forward
 
 
-def _fused_impl(be, hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
-                entropy_mask, bias, temperature, ignore_index, cfg_args, top_entropy_fraction, needs):
-    if be == "triton":
-        from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss_fwd_bwd
+def _fused_triton(cfg, hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
+                  entropy_mask, bias, temperature, ignore_index, needs):
+    from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss_fwd_bwd
 
-        return fused_linear_policy_loss_fwd_bwd(
-            hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
-            None if entropy_mask is None else entropy_mask != 0, *cfg_args, top_entropy_fraction, bias,
-            temperature, ignore_index, *needs)
-    logp, ent, lse = forward_impl(be, hidden, weight, targets, bias, temperature, ignore_index)
-    if old_logp is None:  # on-policy: the old policy is this forward's own, ratio 1
-        old_logp = logp
-    if entropy_mask is None and top_entropy_fraction > 0:
-        valid = (loss_weight != 0) & (targets != ignore_index)
-        entropy_mask = topk_mask(ent.float(), valid, selection_count(top_entropy_fraction, int(valid.sum())))
-        entropy_mask = entropy_mask.to(torch.float32)
-    entropy_coef = cfg_args[7]
-    loss, stats, g_lp, g_ent = policy_loss_impl(
-        "cpu" if be == "cpu" else ("cuda" if be == "cuda" else "torch"), logp, old_logp, advantages, loss_weight,
-        ref_logp, is_weight, seq_index, ent if entropy_coef != 0 else None, entropy_mask, cfg_args)
-    dx = dw = db = None
-    if any(needs):
-        dx, dw, db = backward_impl(be, hidden, weight, targets, bias, lse, ent, g_lp, g_ent, temperature,
-                                   ignore_index, needs)
-    return loss, stats, logp, ent, dx, dw, db
+    return fused_linear_policy_loss_fwd_bwd(
+        hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
+        None if entropy_mask is None else entropy_mask != 0, cfg, None, bias, temperature, ignore_index, *needs)
+
+
+def _fused_composed(be):
+    """Forward op, policy loss, recompute backward of the same backend (torch, cpu, cuda)."""
+
+    def run(cfg, hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
+            entropy_mask, bias, temperature, ignore_index, needs):
+        logp, ent, lse = FORWARD[be](hidden, weight, targets, bias, temperature, ignore_index)
+        if old_logp is None:  # on-policy: the old policy is this forward's own, ratio 1
+            old_logp = logp
+        if entropy_mask is None and cfg.top_entropy_fraction is not None:
+            valid = (loss_weight != 0) & (targets != ignore_index)
+            entropy_mask = topk_mask(ent.float(), valid,
+                                     selection_count(cfg.top_entropy_fraction, int(valid.sum()))).to(torch.float32)
+        loss, stats, g_lp, g_ent = POLICY_LOSS[be](cfg, logp, old_logp, advantages, loss_weight, ref_logp, is_weight,
+                                                   seq_index, ent if cfg.entropy_coef != 0 else None, entropy_mask)
+        dx = dw = db = None
+        if any(needs):
+            dx, dw, db = BACKWARD[be](hidden, weight, targets, bias, lse, ent, g_lp, g_ent, temperature,
+                                      ignore_index, needs)
+        return loss, stats, logp, ent, dx, dw, db
+
+    return run
+
+
+# backend -> the whole fused call -> (loss, stats, logp, entropy, dhidden | None, dweight | None, dbias | None)
+FUSED = {"torch": _fused_composed("torch"), "cpu": _fused_composed("cpu"), "cuda": _fused_composed("cuda"),
+         "triton": _fused_triton}
 
 
 @torch.library.custom_op("rubric_fast::fused_linear_policy_loss", mutates_args=())
 def _fused_op(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor | None, advantages: Tensor,
               loss_weight: Tensor, ref_logp: Tensor | None, is_weight: Tensor | None, seq_index: Tensor | None,
               entropy_mask: Tensor | None, bias: Tensor | None, temperature: float, ignore_index: int,
-              loss_type: int, eps_low: float, eps_high: float, delta: float, dual_clip: float, beta: float,
-              kl_type: int, entropy_coef: float, aggregation: int, normalizer: float, sapo_tau_pos: float,
-              sapo_tau_neg: float, top_entropy_fraction: float, needs_dhidden: bool, needs_dweight: bool,
+              fparams: list[float], iparams: list[int], needs_dhidden: bool, needs_dweight: bool,
               needs_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg_args = (loss_type, eps_low, eps_high, delta, dual_clip, beta, kl_type, entropy_coef, aggregation,
-                normalizer, sapo_tau_pos, sapo_tau_neg)
+    cfg = PolicyLossConfig.from_op_args(fparams, iparams)
     needs = (needs_dhidden, needs_dweight, needs_dbias and bias is not None)
     dt = out_dtype(hidden, weight, bias)
-    loss, stats, logp, ent, dx, dw, db = _fused_impl(
-        backend, hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
-        entropy_mask, bias, temperature, ignore_index, cfg_args, top_entropy_fraction, needs)
+    loss, stats, logp, ent, dx, dw, db = FUSED[backend](
+        cfg, hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index,
+        entropy_mask, bias, temperature, ignore_index, needs)
+
     def e():  # a fresh empty tensor each time: outputs may not alias each other
         return hidden.new_empty(0, dtype=torch.float32)
 
@@ -211,10 +210,10 @@ def _fused_op(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor 
 
 @_fused_op.register_fake
 def _(hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_weight, seq_index, entropy_mask,
-      bias, temperature, ignore_index, *rest):
-    needs_dhidden, needs_dweight, needs_dbias = rest[-4], rest[-3], rest[-2]
+      bias, temperature, ignore_index, fparams, iparams, needs_dhidden, needs_dweight, needs_dbias, backend):
     dt = out_dtype(hidden, weight, bias)
     n = hidden.shape[0]
+
     def e():
         return hidden.new_empty(0, dtype=torch.float32)
 
@@ -225,21 +224,42 @@ def _(hidden, weight, targets, old_logp, advantages, loss_weight, ref_logp, is_w
             bias.new_empty(bias.shape, dtype=bias.dtype) if (needs_dbias and bias is not None) else e())
 
 
+_HIDDEN, _WEIGHT, _BIAS = 0, 1, 10  # positions among the op's inputs
+
+
 def _fused_setup(ctx, inputs, output):
     dx, dw, db = output[4], output[5], output[6]
     ctx.save_for_backward(dx, dw, db)
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[10] is None else inputs[10].dtype)
+    ctx.dtypes = (inputs[_HIDDEN].dtype, inputs[_WEIGHT].dtype,
+                  None if inputs[_BIAS] is None else inputs[_BIAS].dtype)
+    ctx.n_inputs = len(inputs)
 
 
 def _fused_backward(ctx, g_loss, *unused):
+    """The gradients were computed in the forward for an upstream gradient of 1: scale them in place (no
+    second dW-sized buffer: autograd can take the tensor as the parameter's .grad). A second backward
+    through the same graph (retain_graph) is refused by autograd's version check instead of giving
+    wrong gradients."""
     dx, dw, db = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    grads = [None] * ctx.n_inputs
 
-    def scale(g, dtype, need):
-        return (g_loss * g).to(dtype) if need and g.numel() > 0 else None
+    def scale(g, dtype):
+        if g.numel() == 0:
+            return None
+        # in place only in eager mode: a traced backward (torch.compile, AOT) must stay functional
+        eager = type(g) is torch.Tensor and type(g_loss) is torch.Tensor and not torch.compiler.is_compiling()
+        if eager and g.dtype == dtype:
+            return g.mul_(g_loss.to(g.dtype))
+        return (g_loss * g).to(dtype)
 
-    return (scale(dx, ctx.dtypes[0], needs[0]), scale(dw, ctx.dtypes[1], needs[1])) + (None,) * 8 + (
-        scale(db, ctx.dtypes[2], needs[10]) if ctx.dtypes[2] is not None else None,) + (None,) * 19
+    if needs[_HIDDEN]:
+        grads[_HIDDEN] = scale(dx, ctx.dtypes[0])
+    if needs[_WEIGHT]:
+        grads[_WEIGHT] = scale(dw, ctx.dtypes[1])
+    if ctx.dtypes[2] is not None and needs[_BIAS]:
+        grads[_BIAS] = scale(db, ctx.dtypes[2])
+    return tuple(grads)
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -266,15 +286,14 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
                          seq_index=seq_index, entropy=None, entropy_mask=entropy_mask)
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
-    be = _backend.select(hidden.device, "fused_linear_policy_loss", _SUPPORTED)
+    be = _backend.select(hidden.device, "fused_linear_policy_loss", tuple(FUSED))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    top = float(config.top_entropy_fraction or -1.0)
     if entropy_mask is None and config.top_entropy_fraction is not None and process_group is not None:
         # global threshold across ranks: forward once without grad, select, then the fused call
-        from .small import entropy_mask as _entropy_mask
         from .linear import linear_logprob_entropy as _lle
+        from .small import entropy_mask as _entropy_mask
 
         with torch.no_grad():
             _, ent, _ = _lle(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index)
@@ -285,5 +304,5 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
         None if old_logp is None else old_logp.detach().contiguous(),
         advantages.detach().contiguous(), loss_weight.detach().contiguous(), _c(ref_logp), _c(is_weight),
         _c(seq_index), _mask_arg(entropy_mask), _c(bias), float(temperature), int(ignore_index),
-        *config_args(config), top, bool(needs[0]), bool(needs[1]), bool(needs[2]), be)
+        *config.to_op_args(), bool(needs[0]), bool(needs[1]), bool(needs[2]), be)
     return loss, PolicyLossStats(*stats.unbind(0)), logp.detach(), ent.detach()

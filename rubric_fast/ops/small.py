@@ -13,32 +13,32 @@ from ..reference.group_advantages import resolve_scale
 from . import backend as _backend
 from ._checks import check_same_device
 
-_SUPPORTED = ("torch", "cpu", "cuda", "triton")
+
+def _ga_native(rewards, group_index, estimator, scale, eps, positive_weight, metric):
+    return torch.ops.rubric_fast.group_advantages_native(rewards, group_index, estimator, scale, eps,
+                                                         positive_weight, metric)
 
 
-def _kernel_module(name):
-    try:
-        import importlib
+def _ga_torch(rewards, group_index, estimator, scale, eps, positive_weight, metric):
+    return ref_group_advantages(rewards, group_index, estimator=estimator, scale=scale, eps=eps,
+                                positive_weight=positive_weight, metric=metric)
 
-        return importlib.import_module(f"rubric_fast.kernels.{name}")
-    except ImportError:
-        return None
+
+def _em_native(entropy, valid, k):
+    return torch.ops.rubric_fast.entropy_mask_native(entropy, valid, k)
+
+
+# One table per op: backend -> implementation; absent means unsupported (these two have no Triton kernel:
+# on CUDA tensors they run the CUDA C++ ops).
+GROUP_ADVANTAGES = {"torch": _ga_torch, "cpu": _ga_native, "cuda": _ga_native}
+ENTROPY_MASK = {"torch": topk_mask, "cpu": _em_native, "cuda": _em_native}
 
 
 @torch.library.custom_op("rubric_fast::group_advantages", mutates_args=())
 def _group_advantages_op(rewards: Tensor, group_index: Tensor, estimator: str, scale: str, eps: float,
                          positive_weight: float, metric: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    if backend in ("cpu", "cuda"):
-        adv, valid = torch.ops.rubric_fast.group_advantages_native(rewards, group_index, estimator, scale, eps,
-                                                                   positive_weight, metric)
-    else:
-        mod = _kernel_module("group_advantages") if backend == "triton" else None
-        if mod is not None:
-            adv, valid = mod.group_advantages(rewards, group_index, estimator, scale, eps, positive_weight, metric)
-        else:
-            adv, valid = ref_group_advantages(rewards, group_index, estimator=estimator, scale=scale, eps=eps,
-                                                  positive_weight=positive_weight, metric=metric)
+    adv, valid = GROUP_ADVANTAGES[backend](rewards, group_index, estimator, scale, eps, positive_weight, metric)
     return adv.to(dt).contiguous(), valid.to(torch.bool).contiguous()
 
 
@@ -68,7 +68,7 @@ def group_advantages(rewards: Tensor, group_index: Tensor, *, estimator: str = "
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps: must be a finite number >= 0, got {eps}")
     check_same_device(rewards=rewards, group_index=group_index, metric=metric)
-    be = _backend.select(rewards.device, "group_advantages", _SUPPORTED)
+    be = _backend.select(rewards.device, "group_advantages", tuple(GROUP_ADVANTAGES))
     return _group_advantages_op(rewards.contiguous(), group_index.long().contiguous(), estimator, scale, float(eps),
                                 float(positive_weight), None if metric is None else metric.contiguous(), be)
 
@@ -76,12 +76,7 @@ def group_advantages(rewards: Tensor, group_index: Tensor, *, estimator: str = "
 @torch.library.custom_op("rubric_fast::entropy_mask", mutates_args=())
 def _entropy_mask_op(entropy: Tensor, valid: Tensor, top_fraction: float, backend: str) -> Tensor:
     k = selection_count(top_fraction, int(valid.sum()))
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rubric_fast.entropy_mask_native(entropy, valid, k).to(torch.bool)
-    mod = _kernel_module("entropy_mask") if backend == "triton" else None
-    if mod is not None:
-        return mod.entropy_topk_mask(entropy, valid, k).to(torch.bool)
-    return topk_mask(entropy, valid, k)
+    return ENTROPY_MASK[backend](entropy, valid, k).to(torch.bool)
 
 
 @_entropy_mask_op.register_fake
@@ -105,5 +100,5 @@ def entropy_mask(entropy: Tensor, valid: Tensor, top_fraction: float, *, process
     entropy = entropy.detach()
     if process_group is not None:
         return distributed_entropy_mask(entropy.float(), valid, top_fraction, process_group)
-    be = _backend.select(entropy.device, "entropy_mask", _SUPPORTED)
+    be = _backend.select(entropy.device, "entropy_mask", tuple(ENTROPY_MASK))
     return _entropy_mask_op(entropy.float().contiguous(), valid.contiguous(), float(top_fraction), be)

@@ -13,6 +13,12 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
 
 
+# Layout of PolicyLossConfig.to_op_args(); csrc/include/rubric_fast/policy_params.h mirrors it.
+FPARAMS = ("eps_low", "eps_high", "delta", "dual_clip", "beta", "entropy_coef", "normalizer", "sapo_tau_pos",
+           "sapo_tau_neg", "top_entropy_fraction")
+IPARAMS = ("loss", "kl", "aggregation")
+
+
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"PolicyLossConfig.{field}: {msg}")
@@ -105,7 +111,40 @@ class PolicyLossConfig:
         d.update(changes)
         return PolicyLossConfig(**d)
 
-    # Integer / float codes passed to C++, CUDA and Triton kernels.
+    # ------------------------------------------------------------------------------------------
+    # The one packed form that crosses every op schema (Python custom ops, the C++ schema, the CUDA and
+    # Triton launchers): ``(float[] fparams, int[] iparams)``. Unset optional floats are -1.
+    def to_op_args(self) -> tuple[list[float], list[int]]:
+        """-> (fparams, iparams), the layout of FPARAMS / IPARAMS (csrc/include/rubric_fast/policy_params.h)."""
+        def opt(x):
+            return -1.0 if x is None else float(x)
+
+        fparams = [float(self.eps_low), float(self.eps_high), opt(self.delta), opt(self.dual_clip), float(self.beta),
+                   float(self.entropy_coef), opt(self.normalizer), float(self.sapo_tau_pos),
+                   float(self.sapo_tau_neg), opt(self.top_entropy_fraction)]
+        return fparams, [self.loss_code, self.kl_code, self.aggregation_code]
+
+    @classmethod
+    def from_op_args(cls, fparams, iparams) -> PolicyLossConfig:
+        """The inverse of :meth:`to_op_args` (validated again: a packed config from elsewhere is checked)."""
+        if len(fparams) != len(FPARAMS) or len(iparams) != len(IPARAMS):
+            raise ValueError(f"packed PolicyLossConfig: expected {len(FPARAMS)} floats and {len(IPARAMS)} ints, "
+                             f"got {len(fparams)} and {len(iparams)}")
+        f = dict(zip(FPARAMS, (float(x) for x in fparams)))
+        i = dict(zip(IPARAMS, (int(x) for x in iparams)))
+        for name, codes in (("loss", LOSSES), ("kl", KL_ESTIMATORS), ("aggregation", AGGREGATIONS)):
+            _check(0 <= i[name] < len(codes), name, f"code {i[name]} out of range 0..{len(codes) - 1}")
+
+        def opt(x):
+            return None if x <= 0 else x
+
+        return cls(loss=LOSSES[i["loss"]], kl=KL_ESTIMATORS[i["kl"]], aggregation=AGGREGATIONS[i["aggregation"]],
+                   eps_low=f["eps_low"], eps_high=f["eps_high"], delta=opt(f["delta"]), dual_clip=opt(f["dual_clip"]),
+                   beta=f["beta"], entropy_coef=f["entropy_coef"], normalizer=opt(f["normalizer"]),
+                   sapo_tau_pos=f["sapo_tau_pos"], sapo_tau_neg=f["sapo_tau_neg"],
+                   top_entropy_fraction=opt(f["top_entropy_fraction"]))
+
+    # Integer codes of the string fields.
     @property
     def loss_code(self) -> int:
         return LOSSES.index(self.loss)
