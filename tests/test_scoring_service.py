@@ -240,7 +240,7 @@ def test_score_command_prints_pass_rates(tmp_path, capsys):
                          "--cache", str(tmp_path / "c.sqlite"), "--out", str(tmp_path / "out.jsonl")])
     assert command.run(args) == 0
     out = capsys.readouterr().out
-    assert "has_word" in out and "responses: 3  scored: 3  failed: 0" in out
+    assert "has_word" in out and "responses: 3  judged: 2  guarded: 1  failed: 0" in out
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert lines[0]["reward"] == 1.0 and lines[1]["guarded"] and lines[1]["reward"] == 0.0
     assert command.run(args) == 0

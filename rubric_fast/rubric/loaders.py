@@ -122,6 +122,7 @@ def _points_criteria(items: list, *, src: str, line: int, key: str) -> list[Crit
 def _finish(rubrics: list[Rubric], *, src: str, lines: list[int]) -> list[Rubric]:
     for r, ln in zip(rubrics, lines):
         r.validate(source=src, line=ln)
+        r.location = f"{src}:{ln}"
     return rubrics
 
 
@@ -363,6 +364,8 @@ def rubric_from_dict(rec: Any, *, src: str | None = None, line: int | None = Non
                aggregation=Aggregation.from_dict(rec.get("aggregation"), source=src, line=line),
                source_format="rubric_fast", source=rec)
     r.validate(source=src, line=line)
+    if src is not None:
+        r.location = f"{src}:{line}" if line is not None else src
     return r
 
 

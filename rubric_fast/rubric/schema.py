@@ -157,6 +157,7 @@ class Rubric:
     aggregation: Aggregation = field(default_factory=Aggregation)
     source_format: str = "rubric_fast"
     source: Any = None                        # the untouched source record
+    location: str | None = field(default=None, compare=False, repr=False)  # "file:line" it was read from
 
     def validate(self, *, source: str | None = None, line: int | None = None) -> None:
         if not self.criteria:
@@ -200,4 +201,10 @@ def normalize_prompt(prompt: Any, *, source: str | None = None, line: int | None
             raise RubricError(f"role must be system, user, assistant, developer or tool; got {role!r}",
                               source=source, line=line, key=f"{key}[{i}].role")
         out.append({"role": role, "content": m["content"]})
+    for i, m in enumerate(out):
+        if m["role"] == "user" and not m["content"].strip():
+            raise RubricError("must not be empty (a user message with no text)", source=source, line=line,
+                              key=f"{key}[{i}].content")
+    if not any(m["content"].strip() for m in out):
+        raise RubricError("must not be empty (every message has empty content)", source=source, line=line, key=key)
     return out

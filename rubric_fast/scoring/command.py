@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-guard", action="store_true", help="send junk responses to the judge too")
     p.add_argument("--deadline-s", type=float, default=600.0, help="per-response deadline in seconds")
     p.add_argument("--out", help="write one scored row per response to this jsonl")
+    p.add_argument("--max-error-rate", type=float, default=0.0,
+                   help="exit 1 when more than this fraction of the responses failed (default 0: any failure; "
+                        "exit 1 always when every response failed)")
 
 
 def _judge_config(args) -> tuple[dict, dict]:
@@ -39,19 +42,28 @@ def _judge_config(args) -> tuple[dict, dict]:
         judge: dict = {"type": args.judge}
     else:
         path = Path(args.judge)
-        if not path.exists():
-            raise SystemExit(f"--judge: {args.judge!r} is neither rule/http/hf/embedding nor an existing file")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        if not path.is_file():
+            raise ValueError(f"--judge: {args.judge!r} is neither rule, http, hf, embedding nor an existing file")
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
 
-            cfg = yaml.safe_load(text)
-        else:
-            cfg = json.loads(text)
+                cfg = yaml.safe_load(text)
+            else:
+                cfg = json.loads(text)
+        except OSError as exc:
+            raise ValueError(f"--judge: cannot read {path}: {exc.strerror}") from None
+        except Exception as exc:  # noqa: BLE001 - yaml / json syntax errors: one line with the position
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}:{getattr(exc, 'lineno', '?')}"
+            raise ValueError(f"--judge: {where}: cannot parse: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(cfg, dict):
-            raise SystemExit(f"--judge {path}: must hold a mapping")
+            raise ValueError(f"--judge {path}: must hold a mapping (the judge keys, or a scorer config with 'judge')")
         if "judge" in cfg:
             scoring = {k: v for k, v in cfg.items() if k != "judge"}
+            if not isinstance(cfg["judge"], dict):
+                raise ValueError(f"--judge {path}: key 'judge': must be a mapping such as {{type: http, ...}}")
             judge = dict(cfg["judge"])
         else:
             judge = cfg
@@ -68,16 +80,12 @@ def _judge_config(args) -> tuple[dict, dict]:
     return judge, scoring
 
 
-def run(args: argparse.Namespace) -> int:
-    from rubric_fast.rubric import RubricError, load_rubrics
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"rubric-fast score: {msg}", file=sys.stderr)
+    return code
 
-    from .config import build_service
 
-    try:
-        rubrics = load_rubrics(args.rubrics, args.format)
-    except (RubricError, FileNotFoundError, ValueError) as exc:
-        print(f"rubric-fast score: {exc}", file=sys.stderr)
-        return 2
+def _read_rows(args, rubrics) -> list[tuple[int, object, str]]:
     by_id = {r.id: r for r in rubrics}
     rows = []
     with open(args.data, encoding="utf-8") as f:
@@ -87,33 +95,72 @@ def run(args: argparse.Namespace) -> int:
             try:
                 row = json.loads(raw)
             except json.JSONDecodeError as exc:
-                print(f"rubric-fast score: {args.data}:{lineno}: invalid JSON: {exc.msg}", file=sys.stderr)
-                return 2
+                raise ValueError(f"{args.data}:{lineno}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{args.data}:{lineno}: expected a JSON object with rubric_id and response")
             rid = row.get("rubric_id", row.get("prompt_id", row.get("id")))
             if rid is not None and str(rid) in by_id:
                 rubric = by_id[str(rid)]
             elif isinstance(row.get("index"), int) and 0 <= row["index"] < len(rubrics):
                 rubric = rubrics[row["index"]]
             else:
-                print(f"rubric-fast score: {args.data}:{lineno}: key 'rubric_id': no rubric {rid!r} in "
-                      f"{args.rubrics} (or give 'index' in 0..{len(rubrics) - 1})", file=sys.stderr)
-                return 2
+                raise ValueError(f"{args.data}:{lineno}: key 'rubric_id': no rubric {rid!r} in {args.rubrics} "
+                                 f"(or give 'index' in 0..{len(rubrics) - 1})")
             resp = row.get("response", row.get("completion"))
             if not isinstance(resp, str):
-                print(f"rubric-fast score: {args.data}:{lineno}: key 'response': must be a string", file=sys.stderr)
-                return 2
+                raise ValueError(f"{args.data}:{lineno}: key 'response': must be a string")
             rows.append((lineno, rubric, resp))
+    return rows
 
-    judge, scoring = _judge_config(args)
+
+def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 scored; 1 every row failed, or the failed fraction passed --max-error-rate; 2 bad input."""
+    from rubric_fast.rubric import RubricError, load_rubrics
+
+    from .config import build_service, check_judge_coverage
+    from .scorer import rollout_errors, summarize_errors
+
+    if not 0.0 <= args.max_error_rate <= 1.0:
+        return _fail(f"--max-error-rate: expected a number in [0, 1], got {args.max_error_rate:g}")
+    try:
+        rubrics = load_rubrics(args.rubrics, args.format)
+    except FileNotFoundError as exc:
+        return _fail(f"--rubrics: no such file: {exc.filename or args.rubrics}")
+    except (RubricError, OSError, ValueError) as exc:
+        return _fail(f"--rubrics: {exc}")
+    try:
+        rows = _read_rows(args, rubrics)
+    except FileNotFoundError:
+        return _fail(f"DATA: no such file: {args.data}")
+    except IsADirectoryError:
+        return _fail(f"DATA: {args.data} is a directory, expected a jsonl file")
+    except UnicodeDecodeError as exc:
+        return _fail(f"DATA: {args.data} is not UTF-8 text ({exc.reason})")
+    except OSError as exc:
+        return _fail(f"DATA: cannot read {args.data}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        judge, scoring = _judge_config(args)
+        check_judge_coverage(rubrics, judge)
+    except ValueError as exc:
+        return _fail(str(exc))
+    out = None
+    if args.out:  # before any judge call: a bad --out must not cost a scoring run
+        try:
+            out = open(args.out, "w", encoding="utf-8")
+        except OSError as exc:
+            return _fail(f"--out: cannot write {args.out}: {exc.strerror}")
     if args.no_guard:
         scoring["guard"] = False
     scoring.setdefault("cache_path", args.cache)
     scoring.update(min_valid=0, max_error_rate=1.0, deadline_s=args.deadline_s)
     try:
         svc = build_service({"judge": judge, **scoring})
-    except (ValueError, ImportError) as exc:
-        print(f"rubric-fast score: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, ImportError, OSError) as exc:
+        if out:
+            out.close()
+        return _fail(str(exc))
     results = {}
     with svc:
         for lineno, rubric, resp in rows:
@@ -126,14 +173,18 @@ def run(args: argparse.Namespace) -> int:
     met = defaultdict(int)
     judged = defaultdict(int)
     failed = defaultdict(int)
-    rewards = []
-    out = open(args.out, "w", encoding="utf-8") if args.out else None
+    judged_rewards, guarded_rows, errors = [], 0, []
     for lineno, rubric, resp in rows:
         m = results.get(lineno)
         if m is None:
+            errors.append("no result (the scorer was closed)")
             continue
-        if m.reward is not None:
-            rewards.append(m.reward)
+        if m.reward is None:
+            errors.extend(rollout_errors(m) or ["unknown error"])
+        elif m.guarded:
+            guarded_rows += 1
+        else:
+            judged_rewards.append(m.reward)
         for v in m.verdicts:
             if v.guarded and v.criterion_id == "__holistic__" and rubric.aggregation.method != "implicit_likert":
                 continue
@@ -144,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
                 met[v.criterion_id] += v.score >= 0.5
         if out:
             out.write(json.dumps({"line": lineno, "rubric_id": rubric.id, "reward": m.reward, "error": m.error,
-                                  "guarded": m.guarded,
+                                  "guarded": m.guarded, "guard_reason": m.guard_reason,
                                   "verdicts": [{"criterion_id": v.criterion_id, "score": v.score,
                                                 "reason": v.reason, "error": v.error} for v in m.verdicts]},
                                  ensure_ascii=False) + "\n")
@@ -159,10 +210,23 @@ def run(args: argparse.Namespace) -> int:
         n = judged[cid]
         rate = f"{met[cid] / n:7.1%}" if n else "      -"
         print(f"{cid:<14} {rate} {n:>7} {failed[cid]:>7}  {texts.get(cid, '')[:60]}")
-    mean = sum(rewards) / len(rewards) if rewards else float("nan")
-    print(f"\nresponses: {len(rows)}  scored: {len(rewards)}  failed: {len(rows) - len(rewards)}  "
-          f"mean reward: {mean:.4f}")
+    n_failed = len(rows) - len(judged_rewards) - guarded_rows
+    mean = f"{sum(judged_rewards) / len(judged_rewards):.4f}" if judged_rewards else "-"
+    print(f"\nresponses: {len(rows)}  judged: {len(judged_rewards)}  guarded: {guarded_rows}  failed: {n_failed}")
+    print(f"mean reward of judged responses: {mean}  (guarded responses score 0 and are not in this mean)")
+    by_reason = metrics.get("guarded_by_reason") or {}
     print(f"judge requests: {metrics['judge_requests']}  verdicts requested: {metrics['verdicts_requested']}  "
-          f"cache hits: {metrics['cache_hits']}  guarded: {metrics['guarded']}  "
-          f"parse failures: {metrics['parse_failures']}")
+          f"cache hits: {metrics['cache_hits']}  parse failures: {metrics['parse_failures']}  guarded by reason: "
+          + (", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) or "-"))
+    if metrics.get("audit_false_pass_rate") is not None:
+        print(f"judge audit: false-pass rate {metrics['audit_false_pass_rate']:.1%} on "
+              f"{metrics['audit_canary_verdicts']} canary verdicts")
+    if n_failed:
+        print(f"rubric-fast score: {n_failed} of {len(rows)} responses failed: {summarize_errors(errors)}",
+              file=sys.stderr)
+    if rows and n_failed == len(rows):
+        return _fail("every response failed; no score was produced", 1)
+    if rows and n_failed / len(rows) > args.max_error_rate:
+        return _fail(f"{n_failed / len(rows):.0%} of the responses failed, more than --max-error-rate="
+                     f"{args.max_error_rate:g}", 1)
     return 0

@@ -24,6 +24,27 @@ _JUDGE_KEYS = {
     "embedding": {"model_path", "threshold", "low", "high", "device", "max_length"},
 }
 _COMMON_KEYS = {"type", "guard"}
+# the criterion verifiers each judge type grades (see build_judge's routing)
+VERIFIERS_BY_JUDGE = {"rule": ("rule",), "http": ("llm", "rule"), "hf": ("llm", "rule"),
+                      "embedding": ("llm", "embedding", "rule")}
+
+
+def check_judge_coverage(rubrics, judge_cfg: dict[str, Any]) -> None:
+    """Refuse a dataset holding a criterion that the configured judge cannot grade (it would fail every
+    rollout of its prompt, forever): one line naming the file, line, criterion and the judge types that can."""
+    kind = (judge_cfg or {}).get("type", (judge_cfg or {}).get("kind"))
+    if kind not in VERIFIERS_BY_JUDGE:
+        return  # build_judge names the bad type
+    graded = VERIFIERS_BY_JUDGE[kind]
+    for r in rubrics:
+        for i, c in enumerate(r.criteria):
+            if c.verifier in graded:
+                continue
+            can = [k for k, v in VERIFIERS_BY_JUDGE.items() if c.verifier in v]
+            where = r.location or f"rubric {r.id!r}"
+            raise ValueError(f"{where}: key 'criteria[{i}].verifier': criterion {c.id!r} needs a judge for verifier "
+                             f"{c.verifier!r}, but judge.type is {kind!r} (it grades: {', '.join(graded)}); set "
+                             f"judge.type to {' or '.join(can)}, or give the criterion a rule verifier")
 
 
 def _check_keys(cfg: dict, allowed: set, where: str) -> None:
@@ -120,4 +141,4 @@ def build_service(config: Any, *, judge=None, cache=None) -> ScoringService:
     return ScoringService(judge, cfg, cache=cache)
 
 
-__all__ = ["JUDGE_TYPES", "CallPool", "build_judge", "build_scorer", "build_service", "scorer_config"]
+__all__ = ["JUDGE_TYPES", "VERIFIERS_BY_JUDGE", "CallPool", "build_judge", "check_judge_coverage", "build_scorer", "build_service", "scorer_config"]

@@ -99,6 +99,23 @@ class _Group:
     closed: bool = False
 
 
+def summarize_errors(errors, *, limit: int = 5, width: int = 300) -> str:
+    """Each distinct error once, most frequent first, with its count: ``3 x transport: ConnectError ...``."""
+    counts = Counter(e for e in errors if e)
+    if not counts:
+        return "no error message"
+    shown = [f"{n} x {e[:width]}{'...' if len(e) > width else ''}" if n > 1 else e[:width]
+             for e, n in counts.most_common(limit)]
+    more = len(counts) - limit
+    return "; ".join(shown) + (f"; and {more} other distinct errors" if more > 0 else "")
+
+
+def rollout_errors(r) -> list[str]:
+    """The judge errors behind a failed rollout (one per distinct verdict error), else its own error."""
+    errs = sorted({v.error for v in getattr(r, "verdicts", []) or [] if v.error})
+    return errs or ([r.error] if getattr(r, "error", None) else [])
+
+
 def _percentile(xs, p: float) -> float | None:
     if not xs:
         return None
@@ -148,7 +165,7 @@ class StreamingScorer:
         self.c: Counter = Counter()
         self._window: deque = deque(maxlen=self.config.error_window)
         self._latencies: deque = deque(maxlen=20000)
-        self._last_errors: deque = deque(maxlen=5)
+        self._last_errors: deque = deque(maxlen=200)
 
     @property
     def fatal(self) -> ScoringError | None:
@@ -242,7 +259,7 @@ class StreamingScorer:
             self.c["rollouts_failed"] += 1
             if any(v.error and v.error.startswith(("deadline", "timeout")) for v in r.verdicts):
                 self.c["rollouts_timed_out"] += 1
-            self._last_errors.append(r.error or "unknown")
+            self._last_errors.extend(rollout_errors(r) or ["unknown"])
         else:
             self.c["rollouts_scored"] += 1
         if (self.fatal is None and self.c["rollouts_done"] >= self.config.error_min_samples
@@ -251,8 +268,8 @@ class StreamingScorer:
             if rate > self.config.max_error_rate:
                 self.fatal = ScoringError(
                     f"judge error rate {rate:.1%} over the last {len(self._window)} rollouts exceeds "
-                    f"scoring.max_error_rate={self.config.max_error_rate:g}; last errors: "
-                    f"{list(self._last_errors)}. Check the judge endpoint, or raise max_error_rate.")
+                    f"scoring.max_error_rate={self.config.max_error_rate:g}; errors: "
+                    f"{summarize_errors(self._last_errors)}. Check the judge endpoint, or raise max_error_rate.")
 
     # ------------------------------------------------------------------------------------------ streaming
     def submit(self, group_id, rollout_id: str, rubric: Rubric | dict, response: str, *,

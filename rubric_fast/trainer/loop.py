@@ -48,6 +48,7 @@ from torch import nn
 from rubric_fast import ops
 from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
+from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
 from .checkpoint import (
     CheckpointError,
@@ -130,6 +131,7 @@ class Sample:
     verdicts: list[Any] = field(default_factory=list)
     advantage: float = 0.0
     guard_reason: str | None = None  # the guard judged it junk, and why
+    errors: list[str] = field(default_factory=list)  # why its judgement failed (reward None)
 
 
 @dataclass
@@ -474,6 +476,7 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                 members = [s for s in batch.samples if s.group_id == g]
                 for s, r in zip(members, scored):
                     s.reward, s.verdicts, s.guard_reason = r.reward, r.verdicts, r.guard_reason
+                    s.errors = rollout_errors(r) if r.reward is None else []
             staleness = policy_version - batch.policy_version
             samples = batch.samples
             stale = 0
@@ -486,6 +489,13 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             rewards = [s.reward for s in batch.samples]
             valid_rewards = [r for r in rewards if r is not None]
             n_valid = global_sum(len(valid_rewards), device)  # the reward of the whole (global) batch
+            # a step in which the judge answered nothing (the guard's verdicts are no judgements) ends the run
+            asked = [s for s in batch.samples if s.guard_reason is None]
+            if global_sum(len(asked), device) > 0 and global_sum(sum(s.reward is not None for s in asked), device) == 0:
+                raise TrainingStopped(
+                    f"step {step + 1}: every judgement failed ({len(asked)} rollouts on this rank); errors: "
+                    f"{summarize_errors(e for s in asked for e in s.errors)}. Check the judge (judge.endpoints, "
+                    "its logs, judge.timeout_s)")
             mean_reward = global_sum(sum(valid_rewards), device) / n_valid if n_valid else float("nan")
             train_samples: list[Sample] = []
             if samples:
@@ -513,7 +523,7 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
             if upd["nonfinite"]:
                 consecutive_nan += 1
                 counters["nan_steps"] += 1
-                print(f"[rubric_fast] step {step}: non-finite loss or gradient, step skipped "
+                print(f"[rubric_fast] step {step + 1}: non-finite loss or gradient, step skipped "
                       f"({consecutive_nan} in a row, limit {cfg.max_nan_steps})", file=sys.stderr)
                 if consecutive_nan >= cfg.max_nan_steps:
                     raise TrainingStopped(
