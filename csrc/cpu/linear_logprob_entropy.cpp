@@ -3,8 +3,8 @@
 // Written with ATen ops on bounded chunks of rows and of the vocabulary, so the same code is the CPU
 // kernel and (in a CUDA build) the CUDA kernel: on CUDA each chunk's matmul is a cuBLAS GEMM and the row
 // reductions are ATen's CUDA reductions. It never materialises the N x V logits: the forward keeps an
-// online max / sum-exp / sum(exp * z) per row (Milakov & Gimelshein 2018, "Online normalizer calculation
-// for softmax"), and the backward recomputes each chunk's logits from lse and the entropy.
+// online max / sum-exp / sum(exp * (z - max)) per row (Milakov & Gimelshein 2018, "Online normalizer
+// calculation for softmax"), and the backward recomputes each chunk's logits from lse and the entropy.
 //
 // Precision: each chunk is computed in fp32 (fp64 for fp64 inputs): hidden and weight chunks are cast
 // before the matmul, so bf16/fp16 inputs still get fp32 logits. dW is accumulated in fp32 and cast to the
@@ -77,11 +77,13 @@ void check_targets(const char* op, const at::Tensor& targets, int64_t V, int64_t
 
 // Logits of rows [r0, r1) and vocabulary [v0, v1) in the compute dtype: (x W^T + b) / T.
 at::Tensor chunk_logits(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        int64_t v0, int64_t v1, double inv_t, at::ScalarType ct) {
+                        int64_t v0, int64_t v1, double temperature, at::ScalarType ct) {
   at::Tensor w = weight.slice(0, v0, v1).to(ct);
   at::Tensor z = at::matmul(x, w.t());
   if (bias) z.add_(bias->slice(0, v0, v1).to(ct).unsqueeze(0));
-  if (inv_t != 1.0) z.mul_(inv_t);
+  // Divided, not multiplied by a rounded 1 / T: that reciprocal's rounding scales every logit alike, a
+  // systematic error of ~eps |z| in logp (6e-4 at 1e4 in fp32) that a division does not have.
+  if (temperature != 1.0) z.div_(temperature);
   return z;
 }
 
@@ -96,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_fwd(const at::Tensor& hidden,
   const auto opts = hidden.options().dtype(ct);
   at::Tensor logp = at::zeros({N}, opts), entropy = at::zeros({N}, opts), lse = at::zeros({N}, opts);
   if (N == 0) return {logp, entropy, lse};
-  const double inv_t = 1.0 / temperature;
   const Chunks ch = chunk_sizes(hidden);
   const at::Tensor ignored_all = targets.eq(ignore_index);  // before any int32 -> int64 cast
   const at::Tensor safe_targets_all = targets.to(at::kLong).masked_fill(ignored_all, 0);
@@ -106,26 +107,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_fwd(const at::Tensor& hidden,
     const at::Tensor x = hidden.slice(0, r0, r1).to(ct);
     const at::Tensor ignored = ignored_all.slice(0, r0, r1);
     const at::Tensor tgt = safe_targets_all.slice(0, r0, r1);
-    // Online softmax state per row: running max m, s = sum exp(z - m), u = sum exp(z - m) z.
-    at::Tensor m = at::full({r1 - r0}, -std::numeric_limits<double>::infinity(), opts);
-    at::Tensor s = at::zeros({r1 - r0}, opts), u = at::zeros({r1 - r0}, opts);
+    // Online softmax state per row (Milakov & Gimelshein 2018), all of it from the same chunk logits z:
+    // running max m, s = sum exp(z - m), u = sum exp(z - m) (z - m) <= 0, and the target logit z_t.
+    // Keeping u relative to m (rescaled as m grows: sum e' (z - m') = r (u + (m - m') s), r = exp(m - m'))
+    // avoids the cancellation of H = lse - sum p z between two numbers of the size of the logits.
+    at::Tensor m, s, u;
+    at::Tensor z_t = at::zeros({r1 - r0}, opts);
     for (int64_t v0 = 0; v0 < V; v0 += ch.vocab) {
       const int64_t v1 = std::min(V, v0 + ch.vocab);
-      at::Tensor z = chunk_logits(x, weight, bias, v0, v1, inv_t, ct);
-      at::Tensor m_new = at::maximum(m, std::get<0>(z.max(1)));
-      at::Tensor rescale = (m - m_new).exp_();  // exp(-inf) = 0 on the first chunk
-      at::Tensor e = (z - m_new.unsqueeze(1)).exp_();
+      at::Tensor z = chunk_logits(x, weight, bias, v0, v1, temperature, ct);
+      // The target logit is gathered from these logits, not recomputed from the target's weight row: a
+      // dot product in another summation order differs by rounding (~ulp of the logits, 1e-3 at 1e4)
+      // and gave logp > 0 for a near-certain target.
+      const at::Tensor in_chunk = (tgt >= v0) & (tgt < v1);
+      const at::Tensor col = (tgt - v0).clamp(0, v1 - v0 - 1).unsqueeze(1);
+      z_t = at::where(in_chunk, z.gather(1, col).squeeze(1), z_t);
+      const at::Tensor z_max = std::get<0>(z.max(1));
+      if (!m.defined()) {  // first chunk
+        m = z_max;
+        s = at::zeros_like(m);
+        u = at::zeros_like(m);
+      }
+      const at::Tensor m_new = at::maximum(m, z_max);
+      const at::Tensor shift = m - m_new;  // <= 0
+      const at::Tensor rescale = shift.exp();
+      const at::Tensor d = z.sub_(m_new.unsqueeze(1));  // z - m_new <= 0, in place: z is not needed again
+      at::Tensor e = d.exp();
+      u = (u + shift * s) * rescale + (e * d).sum(1);
       s = s * rescale + e.sum(1);
-      u = u * rescale + (e * z).sum(1);
       m = m_new;
     }
-    at::Tensor lse_c = m + s.log();
-    at::Tensor ent_c = lse_c - u / s;  // H = lse - sum_v p_v z_v
-    // Target logit from the target's weight row (no gather from the chunks needed).
-    at::Tensor z_t = (x * weight.index_select(0, tgt).to(ct)).sum(1);
-    if (bias) z_t.add_(bias->index_select(0, tgt).to(ct));
-    z_t.mul_(inv_t);
-    at::Tensor logp_c = z_t - lse_c;
+    // s >= 1 (the max term is exp(0) = 1) and z_t <= m, so logp = (z_t - m) - log s <= 0 and
+    // H = log s - u / s >= 0 hold by construction, and neither subtracts two numbers of the size of the
+    // logits. The clamps make the signs unconditional (they do not rely on the accuracy of the vectorised
+    // exp / log); they only ever move a value that rounding pushed past 0.
+    const at::Tensor log_s = s.log();
+    at::Tensor lse_c = m + log_s;
+    at::Tensor ent_c = (log_s - u / s).clamp_min_(0);
+    at::Tensor logp_c = ((z_t - m) - log_s).clamp_max_(0);
     logp.slice(0, r0, r1).copy_(logp_c.masked_fill(ignored, 0));
     entropy.slice(0, r0, r1).copy_(ent_c.masked_fill(ignored, 0));
     lse.slice(0, r0, r1).copy_(lse_c.masked_fill(ignored, 0));
@@ -177,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lle_bwd(
       at::Tensor dx = needs_dhidden ? dhidden_acc.slice(0, r0, r1) : at::Tensor();
       for (int64_t v0 = 0; v0 < V; v0 += ch.vocab) {
         const int64_t v1 = std::min(V, v0 + ch.vocab);
-        at::Tensor z = chunk_logits(x, weight, bias, v0, v1, inv_t, ct);
+        at::Tensor z = chunk_logits(x, weight, bias, v0, v1, temperature, ct);
         at::Tensor p = (z - lse_c).exp_();
         // dz = g_logp (1[v = y] - p) - g_H p (z - mu), then / T for the logits before the temperature.
         at::Tensor dz = z.sub_(mu_c).mul_(g_h).add_(g_lp).mul_(p).neg_();
