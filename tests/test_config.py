@@ -63,13 +63,22 @@ def test_bad_type_and_range_name_the_key():
 def test_yaml_file_errors_name_file_and_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  name_or_path: tiny\nrollout:\n  temperatur: 0.7\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'rollout.temperatur'.*'temperature'"):
+    with pytest.raises(ConfigError, match=r"c.yaml:4: unknown key 'rollout.temperatur'.*'temperature'"):
         load_config(p)
     p.write_text("model:\n  name_or_path: [tiny\nrollout: {}\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
         load_config(p)
     p.write_text("rollout:\n  max_new_tokens: lots\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: rollout.max_new_tokens: expected an integer"):
+    with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_new_tokens: expected an integer"):
+        load_config(p)
+    # values checked after loading (ranges, choices) also name the file and line, or the override
+    p.write_text("seed: 1\noptimization:\n  warmup_steps: 2\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:4: optimization.lr: got -1.0; expected a number > 0"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^override: optimization.lr: got -2.0"):
+        load_config(p, ["optimization.lr=-2"])
+    p.write_text("algorithm: {loss: nope}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:1: algorithm.loss: got 'nope'; accepted: "):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -155,7 +155,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, bundle: dict[str, Any] | No
     return final
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, ckpt_dir: str | Path, *, quiet: bool = False) -> Path | None:
     """``never`` -> None; ``auto`` -> the newest complete checkpoint in ckpt_dir or None; else a path.
 
     ``auto`` skips (and names) unfinished ones; an explicit path to an incomplete checkpoint is refused.
@@ -169,7 +169,7 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path | None:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 m = re.match(r"^step_(\d+)(\.tmp)?$", p.name)
-                if m and int(m.group(1)) > newest and p not in found:
+                if m and int(m.group(1)) > newest and p not in found and not quiet:
                     print(f"[rubric_fast] checkpoint.resume=auto: skipping {p}: "
                           f"{checkpoint_problem(p) if not m.group(2) else 'unfinished (.tmp)'}", file=sys.stderr)
         return found[-1] if found else None

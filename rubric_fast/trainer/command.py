@@ -1,7 +1,9 @@
 """``rubric-fast train [CONFIG] [key=value ...]``.
 
 Without CONFIG the embedded default (examples/default.yaml) runs: a tiny model built from a config, a
-small rubric dataset judged by the rule judge, on the CPU in a few minutes, and the reward rises.
+small rubric dataset judged by the rule judge, on the CPU in about half a minute, and the reward rises.
+Exit codes: 0 done; 1 stopped (judge failures, non-finite losses, a failed collective); 2 bad config, data,
+run directory or checkpoint; 130 / 143 interrupted by SIGINT / SIGTERM (after a checkpoint).
 """
 
 from __future__ import annotations
@@ -47,12 +49,21 @@ def run(args: argparse.Namespace) -> int:
         ScoringError = TrainingStopped
     from rubric_fast.rubric import RubricError
 
+    from .interrupt import SIGNALS, Interrupted
+
+    installed = SIGNALS.install()
     try:
         result = train(cfg)
-    except (RubricError, FileNotFoundError) as exc:  # the dataset: the message names file, line and key
+    except Interrupted as exc:  # SIGINT / SIGTERM: one line, 130 / 143
+        if dist_info().rank == 0:
+            where = (f"after step {exc.step}; checkpoint {exc.checkpoint}; continue with checkpoint.resume=auto"
+                     if exc.checkpoint else "before the first step; nothing to save")
+            print(f"rubric-fast train: interrupted by {exc} {where}", file=sys.stderr)
+        return exc.exit_code
+    except RubricError as exc:  # the dataset: the message names file, line and key
         print(f"rubric-fast train: data.path: {exc}", file=sys.stderr)
         return 2
-    except ConfigError as exc:  # found while building the run (e.g. the judge section)
+    except ConfigError as exc:  # found while building the run (data, run dir, judge section)
         print(f"rubric-fast train: {exc}", file=sys.stderr)
         return 2
     except (TrainingStopped, ScoringError) as exc:
@@ -61,12 +72,18 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"rubric-fast train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file system error the run could not name a key for (e.g. a full disk)
+        print(f"rubric-fast train: {exc.filename or 'I/O'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:  # a rank died, or a collective ran past distributed.timeout_s
         if not (isinstance(exc, DistError) or (dist_info().world_size > 1 and _COLLECTIVE_FAILURE.search(str(exc)))):
             raise
         print(f"rubric-fast train: stopped on rank {dist_info().rank}: a collective failed (another rank died, "
               f"or it ran past distributed.timeout_s): {exc}", file=sys.stderr)
         return 1
+    finally:
+        if installed:
+            SIGNALS.restore()
     if dist_info().rank != 0:
         return 0
     r = [x for x in result.rewards if not math.isnan(x)]

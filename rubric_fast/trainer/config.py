@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -174,6 +175,7 @@ class LoggingConfig:
     num_samples: int = 4
     tensorboard: bool = True
     progress: bool = True
+    overwrite: bool = False             # replace a previous run in run_dir (else it is refused unless resumed)
 
 
 @dataclass
@@ -377,28 +379,75 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _key_lines(node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    """dotted key -> 1-based line of a YAML mapping tree (from yaml.compose)."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = prefix + str(k.value)
+            out[key] = k.start_mark.line + 1
+            _key_lines(v, key + ".", out)
+    return out
+
+
+_KEY_IN_MESSAGE = re.compile(r"^(?:unknown key '(?P<unknown>[^']+)'|(?P<key>[A-Za-z_][\w.]*)(?:\[\d+\])*: )")
+
+
+def _locate(message: str, path: Path, lines: dict[str, int], overridden: set[str]) -> str:
+    """Prefix a ConfigError message with where its key was set: ``file:line`` or the override."""
+    msg = message.removeprefix(f"{path}: ").removeprefix("override: ")
+    m = _KEY_IN_MESSAGE.match(msg)
+    if not m:
+        return message
+    key = m.group("unknown") or m.group("key")
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):  # the key itself, else the closest section that was set
+        k = ".".join(parts[:i])
+        if k in overridden:
+            return f"override: {msg}"
+        if k in lines:
+            return f"{path}:{lines[k]}: {msg}"
+    return message
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The defaults, updated by the YAML file at ``path`` (if any), then by ``key=value`` overrides."""
+    """The defaults, updated by the YAML file at ``path`` (if any), then by ``key=value`` overrides.
+
+    The file is layered on the code defaults of :class:`TrainConfig` (not on examples/default.yaml, which is
+    itself such a file). Every error names the key and where it was set (``file:line`` or the override)."""
     cfg = TrainConfig()
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-        _apply(cfg, data, "", str(p))
-        if cfg.data.path and not Path(cfg.data.path).is_absolute() and "data" in data and "path" in (data["data"] or {}):
-            # dataset paths in a config file are relative to the current directory, else to the file
-            if not Path(cfg.data.path).exists() and (p.parent / cfg.data.path).exists():
-                cfg.data.path = str(p.parent / cfg.data.path)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_key(cfg, key, value, source="override")
-    validate(cfg)
+    lines: dict[str, int] = {}
+    overridden: set[str] = set()
+    p = Path(path) if path is not None else None
+    try:
+        if p is not None:
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}" if not p.exists() else f"config file {p}: not a file")
+            try:
+                text = p.read_text(encoding="utf-8")
+                data = yaml.safe_load(text) or {}
+                lines = _key_lines(yaml.compose(text))
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+                raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"config file {p}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+            _apply(cfg, data, "", str(p))
+            if cfg.data.path and not Path(cfg.data.path).is_absolute() and "data" in data and \
+                    "path" in (data["data"] or {}):
+                # dataset paths in a config file are relative to the current directory, else to the file
+                if not Path(cfg.data.path).exists() and (p.parent / cfg.data.path).exists():
+                    cfg.data.path = str(p.parent / cfg.data.path)
+        for text in overrides or []:
+            key, value = parse_override(text)
+            set_key(cfg, key, value, source="override")
+            overridden.add(key)
+        validate(cfg)
+    except ConfigError as exc:
+        if p is None:
+            raise
+        raise ConfigError(_locate(str(exc), p, lines, overridden)) from None
     return cfg
 
 

@@ -120,7 +120,7 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: str | Path, *, is_main: bool, tensorboard: bool = True,
-                 progress_total: int | None = None) -> None:
+                 progress_total: int | None = None, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self._metrics_f = None
@@ -139,7 +139,8 @@ class MetricsLogger:
                 print(f"[rubric_fast] TensorBoard logging off ({exc}); metrics still go to "
                       f"{self.run_dir / METRICS_FILE}", file=sys.stderr)
             else:
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
+                # purge_step: a resumed run drops the events the interrupted one wrote after its checkpoint
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge_step)
         # A live bar only on a terminal; in a log file a carriage-return bar is noise, so print lines.
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -76,9 +76,11 @@ from .dist import (
     sharded_state,
     sync_gradients,
 )
+from .interrupt import SIGNALS, Interrupted
 from .models import ReferencePolicy, load_policy, load_tokenizer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
+from .rundir import os_error_text, prepare_run_dir
 
 
 class TrainingStopped(RuntimeError):
@@ -296,11 +298,50 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_logger(cfg: TrainConfig, info: DistInfo):
+def make_logger(cfg: TrainConfig, info: DistInfo, purge_step: int | None = None):
     from .logger import MetricsLogger
 
     return MetricsLogger(cfg.logging.run_dir, is_main=info.is_main, tensorboard=cfg.logging.tensorboard,
-                         progress_total=cfg.max_steps if cfg.logging.progress else None)
+                         progress_total=cfg.max_steps if cfg.logging.progress else None, purge_step=purge_step)
+
+
+def load_data(cfg: TrainConfig) -> list[Rubric]:
+    """The rubric dataset, refused (one line naming ``data.path``) when unreadable or when one of its criteria
+    needs a verifier that the configured judge cannot grade."""
+    from rubric_fast.rubric import RubricError
+    from rubric_fast.scoring.config import check_judge_coverage
+
+    path = cfg.data.path
+    try:
+        rubrics = load_rubrics(path, cfg.data.format)
+    except FileNotFoundError:
+        raise ConfigError(f"data.path: no such file: {path}") from None
+    except RubricError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data.path: {path} is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"data.path: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        check_judge_coverage(rubrics, cfg.judge)
+    except ValueError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    return rubrics
+
+
+def claim_run_dir(cfg: TrainConfig, info: DistInfo, run_dir: Path, ckpt_dir: Path, device, say) -> int:
+    """Rank 0 checks, refuses, replaces or cuts back the run directory (see rundir.py); every rank learns
+    the outcome, so all stop together. Returns the step the run starts from."""
+    problem, start = None, 0
+    if info.is_main:
+        try:
+            start = prepare_run_dir(run_dir, ckpt_dir, resume=cfg.checkpoint.resume,
+                                    overwrite=cfg.logging.overwrite, say=say)
+        except (ConfigError, CheckpointError) as exc:
+            problem = exc
+    if global_max(int(problem is not None), device):
+        raise problem if problem is not None else ConfigError("logging.run_dir: refused on rank 0 (see its message)")
+    return start
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -340,11 +381,28 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     device = pick_device(cfg.device, info)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)  # tiny models: more threads only add synchronisation
-    seed_everything(cfg.seed)  # identical initial weights on every rank; sampling gets a per-rank seed below
-    run_dir = Path(cfg.logging.run_dir)
-    log = make_logger(cfg, info)
-    log.log_config(config_to_dict(cfg))
     say = (lambda msg: print(f"[rubric_fast] {msg}", file=sys.stderr)) if info.is_main else (lambda msg: None)
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    # ---- before anything is written: the data and what the judge can grade, then the run directory
+    rubrics = load_data(cfg)
+    start_step = claim_run_dir(cfg, info, run_dir, ckpt_dir, device, say)
+    try:
+        log = make_logger(cfg, info, purge_step=start_step + 1 if start_step else None)
+    except OSError as exc:
+        raise ConfigError(f"logging.run_dir: {os_error_text(exc, run_dir)}") from None
+    closers: list = []  # the scorer, once built
+    try:
+        return _train_run(cfg, info, strategy, device, run_dir, ckpt_dir, rubrics, log, say, closers)
+    finally:
+        for c in reversed(closers):
+            c.close()
+        log.close()
+
+
+def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.device, run_dir: Path,
+               ckpt_dir: Path, rubrics: list[Rubric], log, say, closers: list) -> TrainResult:
+    seed_everything(cfg.seed)  # identical initial weights on every rank; sampling gets a per-rank seed below
     say(f"ops backends: {', '.join(ops.available_backends())}; device: {device}; world size {info.world_size}"
         + (f", strategy {strategy}" if info.world_size > 1 else ""))
 
@@ -372,7 +430,6 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable)")
 
     # ---- data, rollout engine, scorer
-    rubrics = load_rubrics(cfg.data.path, cfg.data.format)
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
     engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout,
                          via=model if strategy == "fsdp2" else None, synced=strategy == "fsdp2")
@@ -381,13 +438,14 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                              rank=info.rank, world_size=info.world_size)
     except ValueError as exc:  # the scoring factories name the key that is wrong
         raise ConfigError(f"judge / scoring: {exc}") from None
+    closers.append(scorer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ---- resume
     step, policy_version, consecutive_nan = 0, 0, 0
     counters = {"stale_dropped": 0, "nan_steps": 0}
-    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+    rewards_history: list[float] = []
+    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt_dir, quiet=True)
     if resume_from is not None:
         state, rank_state = load_checkpoint(resume_from, info.rank, info.world_size)
         if state.get("strategy", "ddp") != strategy:
@@ -406,6 +464,7 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         step, policy_version, consecutive_nan = ts["step"], ts["policy_version"], ts["consecutive_nan"]
         counters.update(ts.get("counters", {}))
         stream.seek(ts["data_position"])
+        rewards_history = list(ts.get("rewards", []))  # the whole run's, for the closing summary
         say(f"resumed from {resume_from} at step {step}")
 
     G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step // info.world_size
@@ -457,11 +516,35 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0, n_tok)
 
     depth = 2 if cfg.rollout.overlap else 1
-    rewards_history: list[float] = []
     t_run = time.perf_counter()
+    log.log_config(config_to_dict(cfg))  # only now: the data, the judge and the checkpoint were all accepted
 
+    def checkpoint() -> Path:
+        # batches generated ahead (overlap) are saved as they are and re-scored on resume (the judge cache
+        # answers), so the continuation is the same as without the interruption
+        rank_state = {"rng": rng_state(), "group_counter": group_counter[0], "next_rollout_step": next_rollout_step,
+                      "pending": [batch_to_state(b, rubric_index) for b in pending]}
+        bundle = None
+        if info.is_main:
+            bundle = {"scheduler": scheduler.state_dict(), "strategy": strategy,
+                      "world_size": info.world_size, "judge_cache": scorer.cache_path,
+                      "train_state": {"step": step, "policy_version": policy_version,
+                                      "data_position": stream.position(), "consecutive_nan": consecutive_nan,
+                                      "counters": dict(counters), "rewards": list(rewards_history)},
+                      "config": config_to_dict(cfg)}
+            if strategy != "fsdp2":
+                bundle["model"], bundle["optimizer"] = policy.state_dict(), optimizer.state_dict()
+        try:
+            return save_checkpoint(ckpt_dir, step, bundle, keep_last=cfg.checkpoint.keep_last, rank_state=rank_state,
+                                   sharded=sharded_state(model, optimizer) if strategy == "fsdp2" else None,
+                                   rank=info.rank, world_size=info.world_size)
+        except OSError as exc:
+            raise TrainingStopped(f"checkpoint.dir: {os_error_text(exc, ckpt_dir)}") from None
+
+    SIGNALS.deferred = True  # from here a signal finishes the step and checkpoints (see interrupt.py)
     try:
         while step < cfg.max_steps:
+            SIGNALS.step_hint = f"step {step + 1}/{cfg.max_steps}"
             # ---- 1. rollout (step k+1 is generated while step k is scored)
             while len(pending) < depth and next_rollout_step < cfg.max_steps:
                 pending.append(rollout(next_rollout_step))
@@ -548,29 +631,17 @@ def _train_ranks(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                 log.log(step, metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
                 log.log_samples(step, [sample_row(tokenizer, s) for s in batch.samples[:cfg.logging.num_samples]])
+            saved = None
             if ((cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                     or (step == cfg.max_steps and cfg.checkpoint.save_final)):
-                # batches generated ahead (overlap) are saved as they are and re-scored on resume (the judge
-                # cache answers), so the continuation is the same as without the interruption
-                rank_state = {"rng": rng_state(), "group_counter": group_counter[0],
-                              "next_rollout_step": next_rollout_step,
-                              "pending": [batch_to_state(b, rubric_index) for b in pending]}
-                bundle = None
-                if info.is_main:
-                    bundle = {"scheduler": scheduler.state_dict(), "strategy": strategy,
-                              "world_size": info.world_size, "judge_cache": scorer.cache_path,
-                              "train_state": {"step": step, "policy_version": policy_version,
-                                              "data_position": stream.position(),
-                                              "consecutive_nan": consecutive_nan, "counters": dict(counters)},
-                              "config": config_to_dict(cfg)}
-                    if strategy != "fsdp2":
-                        bundle["model"], bundle["optimizer"] = policy.state_dict(), optimizer.state_dict()
-                save_checkpoint(ckpt_dir, step, bundle, keep_last=cfg.checkpoint.keep_last, rank_state=rank_state,
-                                sharded=sharded_state(model, optimizer) if strategy == "fsdp2" else None,
-                                rank=info.rank, world_size=info.world_size)
+                saved = checkpoint()
+            signum = SIGNALS.signum or 0
+            if info.world_size > 1:  # every rank stops after the same step, whichever got the signal
+                signum = global_max(signum, device)
+            if signum and step < cfg.max_steps:
+                raise Interrupted(signum, step=step, checkpoint=str(saved or checkpoint()))
     finally:
-        scorer.close()
-        log.close()
+        SIGNALS.deferred = False
     if os.environ.get("RUBRIC_FAST_DUMP_PARAM_SUM"):  # tests: every rank must hold the same weights
         checksum = sum(float(full_tensor(p.detach()).double().abs().sum()) for p in policy.parameters())
         print(f"[rubric_fast] rank {info.rank} param checksum {checksum:.10e}", file=sys.stderr)
