@@ -65,6 +65,11 @@ def _variants(arch: int, shapes, dtypes):
                             for spec in p.launches:
                                 args = _args_for(spec, x, i64, f, p, h, v)
                                 out.append((f"{dname} N{n} H{h} V{v} {schedule} bias={int(has_bias)}", spec, args))
+            # dW accumulated in fp32 over row blocks (taken when the budget leaves blocks of >= 1024 rows)
+            if dt != torch.float32:
+                p = plan.plan_fused(min(n, 4096), h, v, dtype=dt, arch=arch)
+                spec = plan.mm_accumulate_launch(v, h, arch, dt)
+                out.append((f"{dname} N{n} H{h} V{v} dW fp32 accumulation", spec, _args_for(spec, x, i64, f, p, h, v)))
     # the policy-loss kernel: every loss and KL code, with and without each optional input
     f = dummy(torch.float32)
     for loss in range(4):
