@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -126,7 +128,7 @@ def _backward(ctx, g_logp, g_ent, g_lse):
 _lle_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_lle_inputs(hidden, weight, targets, bias):
+def check_lle_inputs(hidden, weight, targets, bias, temperature=1.0):
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -141,6 +143,8 @@ def check_lle_inputs(hidden, weight, targets, bias):
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
 
 
 def linear_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
@@ -151,9 +155,7 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     Differentiable w.r.t. hidden, weight and bias through logp and entropy; never materializes the N x V
     logits. Rows with ``targets == ignore_index`` give zeros and no gradient. See docs/ops-math.md.
     """
-    check_lle_inputs(hidden, weight, targets, bias)
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    check_lle_inputs(hidden, weight, targets, bias, temperature)
     be = _backend.select(hidden.device, "linear_logprob_entropy", tuple(FORWARD))
     logp, ent, lse = _lle_op(hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),
                              None if bias is None else bias.contiguous(), float(temperature), int(ignore_index), be)

@@ -280,12 +280,10 @@ def fused_linear_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, ol
     ``config.top_entropy_fraction`` and no ``entropy_mask``, the mask is computed between the forward and
     the backward; with a ``process_group`` the selection threshold is global across its ranks.
     """
-    check_lle_inputs(hidden, weight, targets, bias)
+    check_lle_inputs(hidden, weight, targets, bias, temperature)
     _check_policy_inputs(hidden.shape[0], config, fused=True, hidden=hidden, old_logp=old_logp,
                          advantages=advantages, loss_weight=loss_weight, ref_logp=ref_logp, is_weight=is_weight,
                          seq_index=seq_index, entropy=None, entropy_mask=entropy_mask)
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
     be = _backend.select(hidden.device, "fused_linear_policy_loss", tuple(FUSED))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
