@@ -165,6 +165,8 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"                # auto | never | a checkpoint directory
     save_final: bool = True
+    export_hf: bool = False             # at the end of training, write the policy in HF format (rubric-fast export)
+    export_dir: str | None = None       # where export_hf writes; default: <run_dir>/hf
 
 
 @dataclass

@@ -642,6 +642,12 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 raise Interrupted(signum, step=step, checkpoint=str(saved or checkpoint()))
     finally:
         SIGNALS.deferred = False
+    if cfg.checkpoint.export_hf and step >= cfg.max_steps:  # every rank: gathering fsdp2 shards is a collective
+        from .export import export_policy
+
+        out = export_policy(policy, tokenizer, cfg.checkpoint.export_dir or run_dir / "hf", model_cfg=cfg.model,
+                            rollout_cfg=cfg.rollout, is_main=info.is_main)
+        say(f"policy exported in Hugging Face format to {out} (rubric-fast export)")
     if os.environ.get("RUBRIC_FAST_DUMP_PARAM_SUM"):  # tests: every rank must hold the same weights
         checksum = sum(float(full_tensor(p.detach()).double().abs().sum()) for p in policy.parameters())
         print(f"[rubric_fast] rank {info.rank} param checksum {checksum:.10e}", file=sys.stderr)

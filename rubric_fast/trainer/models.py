@@ -83,11 +83,21 @@ def load_tokenizer(cfg: ModelConfig, run_dir: str | Path | None = None):
     return tok
 
 
-def load_policy(cfg: ModelConfig, tokenizer, device: torch.device) -> nn.Module:
-    """The trainable policy (LoRA-wrapped when ``model.lora.enabled``), on ``device``, in train mode."""
+def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, *, pretrained: bool = True) -> nn.Module:
+    """The trainable policy (LoRA-wrapped when ``model.lora.enabled``), on ``device``, in train mode.
+
+    ``pretrained=False``: the same architecture from its config only, weights left random (a skeleton to
+    load a checkpoint into, e.g. for ``rubric-fast export``: no weight download)."""
     if cfg.name_or_path == "tiny":
         model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                                  tokenizer.bos_token_id)
+    elif not pretrained:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        hf_cfg._attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
     else:
         from transformers import AutoModelForCausalLM
 
