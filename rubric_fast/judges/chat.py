@@ -2,7 +2,9 @@
 
 Modes:
 
-* ``per_criterion``: one call per criterion, reply ``{"explanation", "criteria_met"}``.
+* ``per_criterion``: one call per criterion, reply ``{"explanation", "criteria_met"}``; a criterion with
+  ``tiers`` (ordinal levels, Rubicon) is asked for a tier instead, reply ``{"explanation", "tier"}``, and its
+  verdict's score is that tier's score (also in ``batch`` mode, where such criteria are asked one by one).
 * ``batch``: ``batch_size`` criteria per call, reply a JSON list keyed by ``criterion_id``; ids missing or
   duplicated in the reply are re-asked one by one in per-criterion mode.
 * ``holistic``: one call for all criteria, reply ``{"explanation", "rating"}`` (1-10), returned as a single
@@ -72,6 +74,13 @@ class ChatJudge:
         return None, f"parse: {last} (after {self.max_reasks} re-asks)"
 
     async def _one(self, req: JudgeRequest, response: str, c) -> Verdict:
+        if c.tiers:  # ordinal criterion: the verdict's score is the chosen tier's score
+            msgs = prompts.tier_messages(req.prompt, response, c, req.reference_answer)
+            res, err = await self._ask(msgs, lambda t: prompts.parse_tier(t, len(c.tiers)), deadline=req.deadline_s)
+            if res is None:
+                return Verdict(c.id, None, "", err)
+            tier, why = res
+            return Verdict(c.id, float(c.tiers[tier].score), why)
         msgs = prompts.per_criterion_messages(req.prompt, response, c, req.reference_answer)
         res, err = await self._ask(msgs, prompts.parse_per_criterion, deadline=req.deadline_s)
         if res is None:
@@ -117,6 +126,9 @@ class ChatJudge:
             return [await self._holistic(request, response)]
         if self.mode == "per_criterion":
             return list(await asyncio.gather(*(self._one(request, response, c) for c in request.criteria)))
-        chunks = [request.criteria[i:i + self.batch_size] for i in range(0, len(request.criteria), self.batch_size)]
-        parts = await asyncio.gather(*(self._batch(request, response, ch) for ch in chunks))
-        return [v for part in parts for v in part]
+        binary = [c for c in request.criteria if not c.tiers]  # tiered criteria are asked one by one
+        chunks = [binary[i:i + self.batch_size] for i in range(0, len(binary), self.batch_size)]
+        parts = await asyncio.gather(*(self._batch(request, response, ch) for ch in chunks),
+                                     *(self._one(request, response, c) for c in request.criteria if c.tiers))
+        by_id = {v.criterion_id: v for part in parts for v in (part if isinstance(part, list) else [part])}
+        return [by_id[c.id] for c in request.criteria]

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-TEMPLATE_VERSION = "rf-judge-v1"
+TEMPLATE_VERSION = "rf-judge-v2"  # v2: criteria with tiers are asked for a tier
 
 SYSTEM_PROMPT = (
     "You are a careful and strict grader. You decide whether a response to a conversation satisfies rubric "
@@ -45,6 +45,31 @@ def per_criterion_messages(prompt, response: str, criterion, reference: str | No
             "Answer with only this JSON object, explanation first:\n"
             '{"explanation": "<one or two sentences>", "criteria_met": true or false}')
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def tier_messages(prompt, response: str, criterion, reference: str | None) -> list[dict[str, str]]:
+    """An ordinal criterion (Rubicon's score tiers): the judge picks the tier that describes the response."""
+    levels = "\n".join(f"{i}. {t.description}" for i, t in enumerate(criterion.tiers))
+    user = (f"{_context(prompt, response, reference)}\n\n<criterion>\n{criterion.text}\n</criterion>\n\n"
+            f"<tiers>\n{levels}\n</tiers>\n\n"
+            "First reason briefly about how well the response meets the criterion, then pick the one tier that "
+            "describes it best. Answer with only this JSON object, explanation first:\n"
+            '{"explanation": "<one or two sentences>", "tier": <tier number>}')
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def parse_tier(text: str, n_tiers: int) -> tuple[int, str]:
+    """The chosen tier's index in [0, n_tiers); anything else is a ParseError (re-asked, then a failure)."""
+    obj = extract_json(text)
+    if not isinstance(obj, dict):
+        raise ParseError(f"expected a JSON object, got {type(obj).__name__}")
+    tier = obj.get("tier")
+    if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier < n_tiers:
+        raise ParseError(f"'tier' must be an integer tier number from 0 to {n_tiers - 1}")
+    expl = obj.get("explanation", "")
+    if not isinstance(expl, str):
+        raise ParseError("'explanation' must be a string")
+    return tier, expl
 
 
 def batch_messages(prompt, response: str, criteria, reference: str | None) -> list[dict[str, str]]:

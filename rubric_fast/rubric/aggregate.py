@@ -8,6 +8,10 @@ Formulas (``Aggregation.method``):
   (``score`` for reward-if-met, ``1 - score`` for penalize-if-met) and ``w_i`` its weight times the
   optional ``category_weights[category]`` (RaR's explicit aggregation, Gunjal et al. 2025). Hard rules
   that act as gates are left out of the mean.
+* ``rubicon`` (Huang et al. 2025, Rubric Anchors): weighted goodness summed per dimension (a criterion, or
+  all criteria of a category), each dimension saturated (``min(s, cap)`` or ``1 - exp(-s/tau)``), normalized
+  by the saturated maxima, then shaped (``R0 ** p`` or an exponential) to widen differences among high
+  scores; gates are left out of the sum as in ``weighted_mean``. Formulas: :mod:`rubric_fast.rubric.shaping`.
 * ``implicit_likert``: one holistic 1-10 rating (verdict id ``__holistic__``) mapped linearly from
   ``[likert_min, likert_max]`` to [0, 1] and clipped (RaR's implicit aggregation).
 
@@ -26,6 +30,7 @@ from typing import Any, Iterable
 from rubric_fast.judges.base import HOLISTIC_ID, Verdict
 
 from .schema import Aggregation, Rubric
+from .shaping import rubicon_score
 
 
 @dataclass
@@ -47,6 +52,7 @@ def aggregate(rubric: Rubric, verdicts: Iterable[Verdict], aggregation: Aggregat
     per: dict[str, dict[str, Any]] = {}
     missing, dropped, vetoed, gates_failed = [], [], [], []
     num = den = 0.0
+    dims: list[tuple[str, float, float]] = []  # rubicon: (dimension, weight, goodness)
     hb_num = hb_den = 0.0
     holistic_only = agg.method == "implicit_likert"
 
@@ -82,11 +88,12 @@ def aggregate(rubric: Rubric, verdicts: Iterable[Verdict], aggregation: Aggregat
         if gate:
             if good < 0.5:
                 gates_failed.append(c.id)
-            if agg.method == "weighted_mean":
+            if agg.method in ("weighted_mean", "rubicon"):
                 continue
         w = c.weight * ((agg.category_weights or {}).get(c.category, 1.0))
         num += w * good
         den += w
+        dims.append((c.id if agg.dimension_key == "criterion" else c.category, w, good))
         signed = c.weight if pol == "reward_if_met" else -c.weight
         hb_num += signed * s
         if signed > 0:
@@ -117,6 +124,16 @@ def aggregate(rubric: Rubric, verdicts: Iterable[Verdict], aggregation: Aggregat
         r = hb_num / hb_den
         detail["raw_score"] = r
         return AggregateResult(min(1.0, max(0.0, r)) if agg.clip else r, detail)
+
+    if agg.method == "rubicon":
+        if not dims and any(c.kind == "hard_rule" for c in rubric.criteria) and agg.hard_rule_gate:
+            return AggregateResult(1.0, detail)  # only gates, and all passed
+        r, rd = rubicon_score(dims, saturation=agg.saturation, cap=agg.saturation_cap, tau=agg.saturation_tau,
+                              shaping=agg.shaping, power=agg.shaping_power, alpha=agg.shaping_alpha)
+        detail["rubicon"] = rd
+        if r is None:
+            return AggregateResult(None, detail, "rubicon: total weight of judged criteria is 0")
+        return AggregateResult(r, detail)
 
     # weighted_mean
     if den <= 0:

@@ -16,11 +16,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .shaping import DIMENSION_KEYS, SATURATIONS, SHAPINGS
+
 POLARITIES = ("reward_if_met", "penalize_if_met", "unknown")
 CATEGORIES = ("essential", "important", "optional", "pitfall")
 KINDS = ("hard_rule", "principle", "dimension")
 VERIFIERS = ("llm", "rule", "embedding")
-AGGREGATION_METHODS = ("healthbench", "weighted_mean", "implicit_likert")
+AGGREGATION_METHODS = ("healthbench", "weighted_mean", "implicit_likert", "rubicon")
 UNKNOWN_POLARITY_MODES = ("drop", "reward_if_met", "penalize_if_met")
 
 
@@ -107,6 +109,14 @@ class Aggregation:
     unknown_polarity: str = "drop"                    # what an ``unknown`` polarity counts as
     likert_min: float = 1.0
     likert_max: float = 10.0
+    # rubicon (rubric_fast.rubric.shaping, docs/methods.md): per-dimension saturation, then a final shaping
+    dimension_key: str = "criterion"                  # criterion | category: what one dimension is
+    saturation: str = "none"                          # none | cap | exp
+    saturation_cap: float = 1.0                       # cap: min(s_d, cap)
+    saturation_tau: float = 1.0                       # exp: 1 - exp(-s_d / tau)
+    shaping: str = "none"                             # none | power | exp
+    shaping_power: float = 2.0                        # power: R0 ** p
+    shaping_alpha: float = 3.0                        # exp: (exp(alpha R0) - 1) / (exp(alpha) - 1)
 
     def validate(self, *, source: str | None = None, line: int | None = None, key: str = "aggregation") -> None:
         if self.method not in AGGREGATION_METHODS:
@@ -125,6 +135,26 @@ class Aggregation:
         if not self.likert_max > self.likert_min:
             raise RubricError("likert_max must be greater than likert_min", source=source, line=line,
                               key=f"{key}.likert_max")
+        self._validate_rubicon(source=source, line=line, key=key)
+
+    def _validate_rubicon(self, *, source: str | None, line: int | None, key: str) -> None:
+        def bad(sub: str, msg: str) -> RubricError:
+            return RubricError(msg, source=source, line=line, key=f"{key}.{sub}")
+
+        for name, allowed in (("dimension_key", DIMENSION_KEYS), ("saturation", SATURATIONS), ("shaping", SHAPINGS)):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name, lo, desc in (("saturation_cap", 0.0, "> 0"), ("saturation_tau", 0.0, "> 0"),
+                               ("shaping_alpha", 0.0, "> 0"), ("shaping_power", 1.0, ">= 1 (a convex map)")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                    (v < lo if name == "shaping_power" else v <= lo):
+                raise bad(name, f"must be a finite number {desc}, got {v!r}")
+        if self.method != "rubicon":
+            for name in ("saturation", "shaping"):
+                if getattr(self, name) != "none":
+                    raise bad(name, f"applies to method rubicon only (method is {self.method!r}); set "
+                                    f"{key}.method: rubicon or remove {name}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, source: str | None = None, line: int | None = None,

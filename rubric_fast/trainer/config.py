@@ -484,6 +484,13 @@ def validate(cfg: TrainConfig) -> None:
                           "importance weight against the scaffolded sampler; set a cap such as 2.0")
     if cfg.rollout.scaffold.enabled and not 0 <= cfg.rollout.scaffold.midpoint <= 1:
         raise ConfigError("rollout.scaffold.midpoint: expected a number in [0, 1]")
+    if cfg.scoring.get("aggregation") is not None:  # e.g. rubicon saturation / shaping (docs/methods.md)
+        from rubric_fast.rubric.schema import Aggregation, RubricError
+
+        try:
+            Aggregation.from_dict(cfg.scoring["aggregation"], key="scoring.aggregation")
+        except RubricError as exc:
+            raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
     if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:
         raise ConfigError("model.tiny.hidden_size: must be a multiple of model.tiny.num_heads")
 
