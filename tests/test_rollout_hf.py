@@ -110,3 +110,32 @@ def test_batches_are_yielded_in_prompt_order(tiny):
     batches = list(eng.generate(prompts))
     assert [len(b) for b in batches] == [2, 2, 1]
     assert [c.prompt_ids for b in batches for c in b] == prompts
+
+
+def test_no_per_step_scores_and_no_warper_from_the_models_generation_config(tiny, monkeypatch):
+    """generate is never asked for the [T, B, V] scores; warpers a model's generation_config carries
+    (top_k, min_p) do not sneak in after the log-prob recorder: the recorded log-probs stay those of the
+    configured distribution (here: the plain softmax at temperature 0.8)."""
+    tok, model = tiny
+    seen = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(model.generation_config, "top_k", 2)
+    monkeypatch.setattr(model.generation_config, "min_p", 0.5)
+    torch.manual_seed(5)
+    eng = HFRolloutEngine(model, tok, max_new_tokens=10, temperature=0.8, top_p=1.0, batch_size=8)
+    prompts = _prompts(tok)
+    comps = [c for b in eng.generate(prompts) for c in b]
+    assert seen and all(not kw.get("output_scores") and not kw.get("output_logits") for kw in seen)
+    distinct = set()
+    for p, c in zip(prompts, comps):
+        want, full = _model_logprobs(model, p, c.token_ids, 0.8)
+        torch.testing.assert_close(torch.tensor(c.sampler_logp, dtype=torch.float64), want, atol=2e-4, rtol=1e-4)
+        for j, t in enumerate(c.token_ids):
+            distinct.add(int((full[j] > full[j, t]).sum()))  # rank of the drawn token
+    assert max(distinct) >= 2  # tokens outside a top-2 were drawn: the model's top_k=2 was not applied

@@ -2,10 +2,15 @@
 
 The ``hf`` engine calls ``transformers`` ``generate`` on the policy itself (KV cache, batched, left
 padding). Its sampler log-probs are the log-softmax of the *processed* scores, i.e. of the distribution
-the token was actually drawn from: logits divided by the temperature, then top-k / top-p filtered
-(``output_scores`` + ``compute_transition_scores(normalize_logits=True)``). With ``top_p == 1`` and
-``top_k == 0`` this equals the policy's log-prob at the rollout temperature up to numerics; otherwise the
-difference is what the truncated importance weight of the loss corrects.
+the token was actually drawn from: logits divided by the temperature, then top-k / top-p filtered. They
+are taken step by step by the last logits processor (:class:`SampledLogProbs`), which keeps one value per
+drawn token: ``generate`` is never asked for ``output_scores``, whose [T, B, V] tensor (10 GB for 64
+completions of 256 tokens over a 152k vocabulary) is the very tensor the fused ops exist to avoid. With
+``top_p == 1`` and ``top_k == 0`` this equals the policy's log-prob at the rollout temperature up to
+numerics; otherwise the difference is what the truncated importance weight of the loss corrects.
+
+The ``vllm`` engine (``rollout.engine: vllm``, :mod:`rubric_fast.trainer.vllm_engine`) keeps the same
+contract: token ids, sampler log-probs of the processed distribution, finish reasons.
 """
 
 from __future__ import annotations
@@ -33,6 +38,65 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]]) -> Iterator[list[Completion]]:
         """Yield completions batch by batch (in prompt order), so each batch can be scored at once."""
         ...
+
+
+class SampledLogProbs:
+    """A logits processor placed after the temperature / top-k / top-p warpers: it sees the distribution
+    each token is drawn from. At step t it learns the token drawn at step t-1 (the last column of
+    ``input_ids``) and keeps only that token's log-prob; the processed scores of one step ([B, V], which
+    ``generate`` holds anyway) are the only vocabulary-sized tensor it refers to."""
+
+    def __init__(self):
+        self._scores: torch.Tensor | None = None
+        self._lse: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._scores is not None:
+            self._take(input_ids[:, -1])
+        self._scores, self._lse = scores, torch.logsumexp(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, drawn: torch.Tensor) -> None:
+        picked = self._scores.gather(1, drawn[:, None].to(self._scores.device)).squeeze(1).float()
+        self.columns.append(picked - self._lse)
+        self._scores = self._lse = None
+
+    def finish(self, sequences: torch.Tensor, n_new: int) -> torch.Tensor:
+        """[B, n_new] log-probs of the generated tokens (the last one read from ``sequences``)."""
+        if self._scores is not None:
+            self._take(sequences[:, -1])
+        if len(self.columns) != n_new:  # every generated column passed through the processors once
+            raise RuntimeError(f"rollout: {len(self.columns)} sampler log-prob columns for {n_new} generated tokens")
+        if not self.columns:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self.columns, dim=1)
+
+
+def sampling_processors(temperature: float, top_k: int, top_p: float) -> list:
+    """HF's own warpers, in ``generate``'s order (temperature, top-k, top-p). They are passed as custom
+    processors with ``generate``'s sampling knobs neutral, because ``generate`` appends its warpers *after*
+    the custom processors: the log-prob recorder must come after them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        out.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p))
+    return out
+
+
+def _neutral_sampling_kwargs() -> dict:
+    """``generate`` kwargs that switch off every warper a model's generation_config might add after ours."""
+    from transformers import GenerationConfig
+
+    base = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+    defaults = GenerationConfig()
+    return {k: v for k, v in base.items() if hasattr(defaults, k)}
 
 
 class HFRolloutEngine:
@@ -77,19 +141,22 @@ class HFRolloutEngine:
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start:start + self.batch_size]
                 ids, mask = self._left_pad(chunk, device)
-                kw = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                      "top_k": self.top_k if self.top_k > 0 else None, "max_new_tokens": self.max_new_tokens,
-                      "pad_token_id": self.pad_id, "eos_token_id": self.eos_id, "output_scores": True,
-                      "return_dict_in_generate": True, "use_cache": True}
+                from transformers import LogitsProcessorList
+
+                recorder = SampledLogProbs()
+                processors = sampling_processors(self.temperature, self.top_k, self.top_p) + [recorder]
+                kw = {"do_sample": True, **_neutral_sampling_kwargs(), "max_new_tokens": self.max_new_tokens,
+                      "pad_token_id": self.pad_id, "eos_token_id": self.eos_id,
+                      "logits_processor": LogitsProcessorList(processors), "use_cache": True}
                 if self.synced:
                     kw["synced_gpus"] = True
                 if self.via is not None:
-                    out = self.via(ids, mask, generate=kw)
+                    sequences = self.via(ids, mask, generate=kw)
                 else:
-                    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-                new = out.sequences[:, ids.shape[1]:]
+                    sequences = model.generate(input_ids=ids, attention_mask=mask, **kw)
+                new = sequences[:, ids.shape[1]:]
                 # log-softmax of the processed scores (temperature, top-k, top-p applied) at the drawn token
-                logps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+                logps = recorder.finish(sequences, new.shape[1])
                 yield [self._completion(chunk[i], new[i], logps[i]) for i in range(len(chunk))]
         finally:
             model.train(was_training)
