@@ -77,7 +77,11 @@ def sampling_processors(temperature: float, top_k: int, top_p: float) -> list:
     """HF's own warpers, in ``generate``'s order (temperature, top-k, top-p). They are passed as custom
     processors with ``generate``'s sampling knobs neutral, because ``generate`` appends its warpers *after*
     the custom processors: the log-prob recorder must come after them."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     out = []
     if temperature != 1.0:
