@@ -24,6 +24,8 @@ import yaml
 from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
 from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
+from .calibration import CalibrationConfig
+
 # examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
 EXAMPLES_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "examples",
                                  Path(__file__).resolve().parents[1] / "examples") if (p / "default.yaml").exists()),
@@ -181,6 +183,13 @@ class LoggingConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How the judged rubric becomes the training reward (docs/methods.md)."""
+
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)   # RLCR
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -188,6 +197,7 @@ class TrainConfig:
     judge: dict[str, Any] = field(default_factory=lambda: {"type": "rule"})      # to rubric_fast.scoring.build_judge
     scoring: dict[str, Any] = field(default_factory=dict)                        # ScorerConfig keys (rubric_fast.scoring)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -491,8 +501,20 @@ def validate(cfg: TrainConfig) -> None:
             Aggregation.from_dict(cfg.scoring["aggregation"], key="scoring.aggregation")
         except RubricError as exc:
             raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
+    check_methods(cfg)
     if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:
         raise ConfigError("model.tiny.hidden_size: must be a multiple of model.tiny.num_heads")
+
+
+def check_methods(cfg: TrainConfig) -> None:
+    """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
+    the key); the combinations that cannot work together are refused here with the reason."""
+    from . import calibration
+
+    try:
+        calibration.check_config(cfg.reward.calibration)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):

@@ -50,6 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
+from . import calibration
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -134,6 +135,7 @@ class Sample:
     advantage: float = 0.0
     guard_reason: str | None = None  # the guard judged it junk, and why
     errors: list[str] = field(default_factory=list)  # why its judgement failed (reward None)
+    extras: dict[str, Any] = field(default_factory=dict)  # per-method data (docs/methods.md), e.g. calibration
 
 
 @dataclass
@@ -326,6 +328,11 @@ def load_data(cfg: TrainConfig) -> list[Rubric]:
         check_judge_coverage(rubrics, cfg.judge)
     except ValueError as exc:
         raise ConfigError(f"data.path: {exc}") from None
+    try:
+        if cfg.reward.calibration.enabled:
+            calibration.check_dataset(cfg.reward.calibration, rubrics)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return rubrics
 
 
@@ -468,6 +475,10 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         say(f"resumed from {resume_from} at step {step}")
 
     G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step // info.world_size
+    cal = cfg.reward.calibration
+
+    def judged_text(text: str) -> str:  # RLCR: the judge never sees the confidence statement
+        return calibration.judged_text(cal, text) if cal.enabled else text
     group_counter = [0]
     rubric_index = {id(r): i for i, r in enumerate(rubrics)}
     pending: deque[RolloutBatch] = deque()
@@ -478,7 +489,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         for b in ts.get("pending", []):
             batch = batch_from_state(b, rubrics)
             for k, smp in enumerate(batch.samples):  # scores are not saved: grade the completions again
-                scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}", smp.rubric, smp.completion.text)
+                scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}", smp.rubric, judged_text(smp.completion.text))
             pending.append(batch)
 
     def rollout(for_step: int) -> RolloutBatch:
@@ -510,7 +521,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 s = samples[k]
                 s.completion = c
                 n_tok += len(c.token_ids)
-                scorer.submit(s.group_id, f"{s.group_id}:{k % G}", s.rubric, c.text)
+                scorer.submit(s.group_id, f"{s.group_id}:{k % G}", s.rubric, judged_text(c.text))
                 k += 1
             kill_point("rollout", for_step + 1, info.rank)
         return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0, n_tok)
@@ -560,6 +571,9 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 for s, r in zip(members, scored):
                     s.reward, s.verdicts, s.guard_reason = r.reward, r.verdicts, r.guard_reason
                     s.errors = rollout_errors(r) if r.reward is None else []
+                    if cal.enabled:  # RLCR: correctness from the rubric, plus the Brier term
+                        s.reward, s.extras["calibration"] = calibration.calibrated_reward(
+                            cal, s.completion.text, r.reward, r.verdicts)
             staleness = policy_version - batch.policy_version
             samples = batch.samples
             stale = 0
@@ -625,6 +639,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 metrics.update(step_metrics(batch, mean_reward, upd, update_time, score_wait, stale, counters,
                                             policy_version, staleness, scheduler))
                 metrics.update(scorer.metrics())
+                if cal.enabled:
+                    metrics.update(calibration.step_metrics([s.extras["calibration"] for s in batch.samples]))
                 if reference is None:
                     metrics.pop("kl", None)  # no reference policy: no KL to report
                 metrics["time/elapsed"] = time.perf_counter() - t_run
@@ -831,4 +847,5 @@ def step_metrics(batch: RolloutBatch, mean_reward: float, upd: dict[str, Any], u
 def sample_row(tokenizer, s: Sample) -> dict[str, Any]:
     return {"prompt": s.rubric.prompt, "response": s.completion.text, "reward": s.reward,
             "advantage": s.advantage, "verdicts": [{"criterion_id": v.criterion_id, "score": v.score,
-                                                    "reason": v.reason, "error": v.error} for v in s.verdicts]}
+                                                    "reason": v.reason, "error": v.error} for v in s.verdicts],
+            **({"extras": s.extras} if s.extras else {})}
