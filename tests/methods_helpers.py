@@ -53,3 +53,29 @@ def scripted_engine(monkeypatch, texts: list[str], logp: float = -1.0) -> dict:
 
     monkeypatch.setattr(L, "make_engine", make)
     return made
+
+
+def spy_fused_loss(monkeypatch) -> list[dict]:
+    """Record the tensors every call of the fused loss receives (the real op still runs)."""
+    from rubric_fast.trainer import loop as L
+
+    real = L.ops.fused_linear_policy_loss
+    calls: list[dict] = []
+
+    def spy(hidden, weight, targets, old_logp, advantages, loss_weight, **kw):
+        calls.append({"targets": targets.clone(), "advantages": advantages.clone(),
+                      "loss_weight": loss_weight.clone(), "seq_index": kw["seq_index"].clone(),
+                      "is_weight": None if kw.get("is_weight") is None else kw["is_weight"].clone(),
+                      "advantages_object": advantages})
+        return real(hidden, weight, targets, old_logp, advantages, loss_weight, **kw)
+
+    monkeypatch.setattr(L.ops, "fused_linear_policy_loss", spy)
+    return calls
+
+
+def per_sequence(call: dict, key: str = "advantages") -> dict[int, list[float]]:
+    """The per-token values of one fused-loss call, split by sequence."""
+    out: dict[int, list[float]] = {}
+    for s, v in zip(call["seq_index"].tolist(), call[key].tolist()):
+        out.setdefault(s, []).append(v)
+    return out

@@ -131,6 +131,10 @@ class AlgorithmConfig:
     reference: str = "auto"             # auto | copy | lora_base (used only when beta > 0)
     is_cap: float | None = 2.0          # truncated importance weight cap vs the sampler; null = off
     advantage_sign: float = 1.0         # -1 flips advantages: a control that must not learn (tests)
+    # OREAL sample weighting (trainer/oreal.py): A *= positive / negative factor by sign; best + worst only
+    positive_loss_factor: float = 1.0
+    negative_loss_factor: float = 1.0
+    best_worst_only: bool = False
 
 
 @dataclass
@@ -509,10 +513,11 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration
+    from . import calibration, oreal
 
     try:
         calibration.check_config(cfg.reward.calibration)
+        oreal.check_config(cfg.algorithm)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration
+from . import calibration, oreal
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -603,14 +603,19 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                                                   positive_weight=a.positive_weight,
                                                   metric=metric if a.estimator == "canon" else None)
                 adv = adv.float() * a.advantage_sign
+                # OREAL: positive / negative loss factors, folded into the advantages (see oreal.py)
+                adv_list = oreal.scale_advantages(adv.tolist(), a.positive_loss_factor, a.negative_loss_factor)
+                keep = (oreal.best_worst_keep([s.reward for s in samples], [s.group_id for s in samples])
+                        if a.best_worst_only else [True] * len(samples))
                 live_groups = set()
-                for s, av, ok in zip(samples, adv.tolist(), valid.tolist()):
+                for s, av, ok in zip(samples, adv_list, valid.tolist()):
                     s.advantage = av
                     if ok and (av != 0.0 or not a.drop_zero_variance_groups):
                         live_groups.add(s.group_id)
-                train_samples = [s for s, ok in zip(samples, valid.tolist())
-                                 if ok and s.group_id in live_groups and len(s.completion.token_ids) > 0]
+                train_samples = [s for s, ok, kp in zip(samples, valid.tolist(), keep)
+                                 if ok and kp and s.group_id in live_groups and len(s.completion.token_ids) > 0]
                 metrics["groups_dropped"] = float(len(batch.group_ids) - len(live_groups))
+                metrics["samples_trained"] = float(len(train_samples))
 
             # ---- 4. update
             t_up = time.perf_counter()
