@@ -47,7 +47,8 @@ def build_model(name: str, device, dtype):
     else:
         raise ValueError(f"model: got {name!r}; accepted: {', '.join(MODELS)}")
     cfg._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    with torch.device(device):  # random init straight on the device (seconds on a CPU for 0.5B parameters)
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
 
 
 def make_micro_batches(vocab: int, n_seqs: int, prompt_len: int, completion_len: int, token_budget: int, device,
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion-len", type=int, default=48)
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the rows to this file (after each variant)")
     p.add_argument("--worker", choices=("fused", "materialized"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -162,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args)
         return 0
     rows = []
+    print(f"{'model':<12} {'mode':<13} {'device':<6} {'dtype':<9} {'tokens/s':>10} {'step s':>8} "
+          f"{'peak MiB':>9} {'mbs':>4}", flush=True)
     for model in args.model or ["tiny", "tiny-32k"]:
-        for mode in ("materialized", "fused"):
+        for mode in ("fused", "materialized"):  # ours first: a time limit still leaves its row
             cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--device", args.device,
                    "--dtype", args.dtype, "--n-seqs", str(args.n_seqs), "--prompt-len", str(args.prompt_len),
                    "--completion-len", str(args.completion_len), "--token-budget", str(args.token_budget),
@@ -171,14 +175,19 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # fresh process: clean peak memory
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
+                print(f"{model} {mode}: failed (rc={proc.returncode})", flush=True)
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return 1
-            rows.append(json.loads(line[-1][7:]))
-    print(f"{'model':<12} {'mode':<13} {'device':<6} {'dtype':<9} {'tokens/s':>10} {'step s':>8} "
-          f"{'peak MiB':>9} {'mbs':>4}")
-    for r in rows:
-        print(f"{r['model']:<12} {r['mode']:<13} {r['device']:<6} {r['dtype']:<9} {r['tokens_per_s']:>10.0f} "
-              f"{r['step_s']:>8.3f} {r['peak_mib']:>9.1f} {r['micro_batches']:>4}")
+            r = json.loads(line[-1][7:])
+            rows.append(r)
+            print(f"{r['model']:<12} {r['mode']:<13} {r['device']:<6} {r['dtype']:<9} {r['tokens_per_s']:>10.0f} "
+                  f"{r['step_s']:>8.3f} {r['peak_mib']:>9.1f} {r['micro_batches']:>4}", flush=True)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(rows, fh, indent=1)
+    summary = "; ".join(f"{r['model']} {r['mode']} {r['tokens_per_s']:.0f} tok/s, {r['step_s']:.3f} s/step, "
+                        f"peak {r['peak_mib'] / 1024:.2f} GiB" for r in rows)
+    print(f"SUMMARY {summary}")
     return 0
 
 
