@@ -25,6 +25,7 @@ from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
 from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
 from .calibration import CalibrationConfig
+from .pairwise_scorer import PairwiseConfig
 
 # examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
 EXAMPLES_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "examples",
@@ -191,6 +192,7 @@ class RewardConfig:
     """How the judged rubric becomes the training reward (docs/methods.md)."""
 
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)   # RLCR
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)            # OpenRubrics / Rubric-RM
 
 
 @dataclass
@@ -513,13 +515,25 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, oreal
+    from . import calibration, oreal, pairwise_scorer
 
     try:
         calibration.check_config(cfg.reward.calibration)
         oreal.check_config(cfg.algorithm)
+        pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    r = cfg.reward
+    if r.pairwise.enabled:
+        if r.calibration.enabled:
+            raise ConfigError("reward.calibration.enabled: RLCR needs a pointwise correctness per response; "
+                              "pairwise judging (reward.pairwise.enabled) gives only relative utilities")
+        if cfg.judge.get("type", cfg.judge.get("kind")) not in ("rule", "http", "hf"):
+            raise ConfigError(f"judge.type: pairwise judging (reward.pairwise.enabled) works with the rule, http "
+                              f"and hf judges; got {cfg.judge.get('type')!r}")
+        if cfg.scoring.get("aggregation") is not None:
+            raise ConfigError("scoring.aggregation: pairwise judging (reward.pairwise.enabled) does not aggregate "
+                              "verdicts into a reward; remove scoring.aggregation or disable pairwise judging")
 
 
 def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):

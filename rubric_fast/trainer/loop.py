@@ -79,6 +79,7 @@ from .dist import (
 )
 from .interrupt import SIGNALS, Interrupted
 from .models import ReferencePolicy, load_policy, load_tokenizer
+from .pairwise_scorer import make_pairwise_scorer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
 from .rundir import os_error_text, prepare_run_dir
@@ -441,8 +442,11 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
     engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout,
                          via=model if strategy == "fsdp2" else None, synced=strategy == "fsdp2")
     try:
-        scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations, run_dir=run_dir,
-                             rank=info.rank, world_size=info.world_size)
+        if cfg.reward.pairwise.enabled:  # rewards from comparisons within each group (pairwise_scorer.py)
+            scorer = make_pairwise_scorer(cfg.judge, cfg.scoring, cfg.reward.pairwise, cfg.rollout.num_generations)
+        else:
+            scorer = make_scorer(cfg.judge, cfg.scoring, cfg.rollout.num_generations, run_dir=run_dir,
+                                 rank=info.rank, world_size=info.world_size)
     except ValueError as exc:  # the scoring factories name the key that is wrong
         raise ConfigError(f"judge / scoring: {exc}") from None
     closers.append(scorer)
