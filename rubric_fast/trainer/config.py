@@ -136,6 +136,9 @@ class AlgorithmConfig:
     positive_loss_factor: float = 1.0
     negative_loss_factor: float = 1.0
     best_worst_only: bool = False
+    # dynamic KL reference (T1; trainer/reference_update.py): copy every N steps, or an EMA of the policy
+    ref_update_interval: int = 0        # 0 = never (with ref_ema set: every step)
+    ref_ema: float | None = None        # theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta
 
 
 @dataclass
@@ -144,7 +147,11 @@ class OptimizationConfig:
     schedule: str = "constant"          # constant | linear | cosine
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
-    tokens_per_micro_batch: int = 8192  # padded tokens per forward/backward
+    tokens_per_micro_batch: int = 8192  # tokens per forward/backward (padding included when padding_free is off)
+    # pack sequences back to back in one row with per-sequence position ids (no padding): auto = with
+    # flash_attention_2 (varlen kernels: no work across sequences); true = also with sdpa / eager (exact, via a
+    # block-diagonal mask, but that mask's attention is quadratic in the row: it pays on the CPU only for short rows)
+    padding_free: bool | str = "auto"   # auto | true | false
     mini_batches: int = 1               # optimizer steps per rollout batch and iteration
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -228,6 +235,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.scale": SCALES + (None,),
     "algorithm.reference": ("auto", "copy", "lora_base"),
     "optimization.schedule": ("constant", "linear", "cosine"),
+    "optimization.padding_free": ("auto", True, False),
     "distributed.strategy": ("ddp", "fsdp2"),
     "distributed.backend": ("auto", "nccl", "gloo"),
     "distributed.fsdp_param_dtype": (None, "float32", "bfloat16", "float16"),
@@ -515,12 +523,13 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, oreal, pairwise_scorer
+    from . import calibration, oreal, pairwise_scorer, reference_update
 
     try:
         calibration.check_config(cfg.reward.calibration)
         oreal.check_config(cfg.algorithm)
         pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)
+        reference_update.check_config(cfg.algorithm, lora=cfg.model.lora.enabled)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     r = cfg.reward

@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration, oreal
+from . import calibration, oreal, reference_update
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -191,9 +191,23 @@ def batch_from_state(d: dict[str, Any], rubrics: list[Rubric]) -> RolloutBatch:
 
 
 # ------------------------------------------------------------------------------------------------ micro-batches
-def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
-    """Greedy packing, longest first, so that (sequences x longest length) <= token_budget per micro-batch."""
+def pack_micro_batches(samples: list[Sample], token_budget: int, *, packed: bool = False) -> list[list[Sample]]:
+    """Greedy packing, longest first, so that (sequences x longest length) <= token_budget per micro-batch;
+    ``packed`` (padding-free rows): first-fit decreasing, so that the sum of lengths <= token_budget.
+    A sequence longer than the budget gets a micro-batch of its own; sequences are never split."""
     order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion.token_ids), reverse=True)
+    if packed:
+        bins: list[tuple[int, list[Sample]]] = []  # (tokens, samples)
+        for s in order:
+            n = len(s.prompt_ids) + len(s.completion.token_ids)
+            for i, (used, members) in enumerate(bins):
+                if used + n <= token_budget:
+                    members.append(s)
+                    bins[i] = (used + n, members)
+                    break
+            else:
+                bins.append((n, [s]))
+        return [members for _, members in bins]
     batches: list[list[Sample]] = []
     cur: list[Sample] = []
     cur_max = 0
@@ -211,9 +225,9 @@ def pack_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sa
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor        # [B, T] right-padded prompt + completion
-    attention_mask: torch.Tensor   # [B, T]
-    position_ids: torch.Tensor     # [B, T]
+    input_ids: torch.Tensor        # [B, T] right-padded prompt + completion; packed: [1, sum of lengths]
+    attention_mask: torch.Tensor | None  # [B, T]; packed: None (the sequences are told apart by position_ids)
+    position_ids: torch.Tensor     # [B, T]; packed: 0..len-1 for each sequence in turn
     rows: torch.Tensor             # [N] batch row of each completion token
     cols: torch.Tensor             # [N] position whose hidden state predicts the token
     targets: torch.Tensor          # [N]
@@ -247,6 +261,52 @@ def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool,
     return MicroBatch(ids.to(device), mask.to(device), pos.to(device), t(rows, torch.long), t(cols, torch.long),
                       t(tgts, torch.long), t(adv, torch.float32), t(w, torch.float32), t(seq, torch.long),
                       t(slp, torch.float32), int(mask.sum()))
+
+
+def collate_packed(samples: list[Sample], device, *, mask_truncated: bool, seq_offset: int) -> MicroBatch:
+    """One padding-free row: the sequences back to back, positions restarting at 0 for each.
+
+    With no attention mask, transformers reads the sequence boundaries from ``position_ids`` (a position that
+    does not follow its predecessor starts a new sequence): flash-attention 2 runs varlen over the
+    cumulative lengths; sdpa and eager get a block-diagonal causal mask. Either way no token attends across
+    sequences and RoPE sees each sequence's own positions, so every hidden state equals the padded path's."""
+    ids: list[int] = []
+    pos: list[int] = []
+    cols, tgts, adv, w, seq, slp = [], [], [], [], [], []
+    for b, s in enumerate(samples):
+        p, c = s.prompt_ids, s.completion.token_ids
+        start = len(ids)
+        ids += p + c
+        pos += range(len(p) + len(c))
+        weight = 0.0 if (mask_truncated and not s.completion.finished) else 1.0
+        for j, tok in enumerate(c):
+            cols.append(start + len(p) - 1 + j)
+            tgts.append(tok)
+            adv.append(s.advantage)
+            w.append(weight)
+            seq.append(seq_offset + b)
+            slp.append(s.completion.sampler_logp[j])
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t([ids], torch.long), None, t([pos], torch.long), t([0] * len(cols), torch.long),
+                      t(cols, torch.long), t(tgts, torch.long), t(adv, torch.float32), t(w, torch.float32),
+                      t(seq, torch.long), t(slp, torch.float32), len(ids))
+
+
+def padding_free(cfg: TrainConfig) -> bool:
+    """Whether update micro-batches are packed rows (``optimization.padding_free``, see config.py). Only where
+    transformers reads packed sequences from position_ids (masking_utils, transformers 5): older versions
+    would let packed sequences attend to each other."""
+    from .models import resolve_attn_implementation
+
+    mode = cfg.optimization.padding_free
+    if mode is False or (mode == "auto" and resolve_attn_implementation(cfg.model.attn_implementation)
+                           != "flash_attention_2"):
+        return False
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def padding_micro_batch(pad_id: int, device) -> MicroBatch:
@@ -470,6 +530,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             policy.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if reference is not None and "reference" in state:
+            reference.module().load_state_dict(state["reference"])
         set_rng_state(rank_state["rng"])
         ts = {**state["train_state"], **rank_state}
         step, policy_version, consecutive_nan = ts["step"], ts["policy_version"], ts["consecutive_nan"]
@@ -549,6 +611,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                       "config": config_to_dict(cfg)}
             if strategy != "fsdp2":
                 bundle["model"], bundle["optimizer"] = policy.state_dict(), optimizer.state_dict()
+            if reference is not None and reference_update.is_dynamic(a):  # the moved anchor (a full replica)
+                bundle["reference"] = reference.module().state_dict()
         try:
             return save_checkpoint(ckpt_dir, step, bundle, keep_last=cfg.checkpoint.keep_last, rank_state=rank_state,
                                    sharded=sharded_state(model, optimizer) if strategy == "fsdp2" else None,
@@ -641,6 +705,9 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             if upd["updates"] > 0:
                 policy_version += 1
             step += 1
+            if reference is not None and reference_update.is_due(a, step):  # T1: the KL anchor moves (all ranks)
+                reference_update.update_reference(reference.module(), policy, ema=a.ref_ema)
+                counters["ref_updates"] = counters.get("ref_updates", 0) + 1
             rewards_history.append(mean_reward)
 
             # ---- 5. log, checkpoint
@@ -652,6 +719,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                     metrics.update(calibration.step_metrics([s.extras["calibration"] for s in batch.samples]))
                 if reference is None:
                     metrics.pop("kl", None)  # no reference policy: no KL to report
+                if reference_update.is_dynamic(a):
+                    metrics["ref_updates"] = float(counters.get("ref_updates", 0))
                 metrics["time/elapsed"] = time.perf_counter() - t_run
                 log.log(step, metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
@@ -696,9 +765,15 @@ def update(cfg: TrainConfig, model: nn.Module, reference: ReferencePolicy | None
     random.Random(cfg.seed + len(samples)).shuffle(order)
     n_mini = o.mini_batches
     minis = [[samples[i] for i in order[j::n_mini]] for j in range(n_mini)]
-    mini_mbs = [[collate(mb, pad_id, device, mask_truncated=a.mask_truncated_completions, seq_offset=k * 100_000)
-                 for k, mb in enumerate(pack_micro_batches(mini, o.tokens_per_micro_batch))] if mini else []
-                for mini in minis]
+    packed = padding_free(cfg)
+
+    def build(mb: list[Sample], k: int) -> MicroBatch:
+        if packed:
+            return collate_packed(mb, device, mask_truncated=a.mask_truncated_completions, seq_offset=k * 100_000)
+        return collate(mb, pad_id, device, mask_truncated=a.mask_truncated_completions, seq_offset=k * 100_000)
+
+    mini_mbs = [[build(mb, k) for k, mb in enumerate(pack_micro_batches(mini, o.tokens_per_micro_batch, packed=packed))]
+                if mini else [] for mini in minis]
     if strategy == "fsdp2":  # every FSDP forward/backward is a collective: the same count on every rank
         for mbs in mini_mbs:
             mbs.extend(padding_micro_batch(pad_id, device) for _ in range(global_max(len(mbs), device) - len(mbs)))
