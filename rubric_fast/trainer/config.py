@@ -136,6 +136,9 @@ class AlgorithmConfig:
     positive_loss_factor: float = 1.0
     negative_loss_factor: float = 1.0
     best_worst_only: bool = False
+    # dynamic KL reference (T1; trainer/reference_update.py): copy every N steps, or an EMA of the policy
+    ref_update_interval: int = 0        # 0 = never (with ref_ema set: every step)
+    ref_ema: float | None = None        # theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta
 
 
 @dataclass
@@ -520,12 +523,13 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, oreal, pairwise_scorer
+    from . import calibration, oreal, pairwise_scorer, reference_update
 
     try:
         calibration.check_config(cfg.reward.calibration)
         oreal.check_config(cfg.algorithm)
         pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)
+        reference_update.check_config(cfg.algorithm, lora=cfg.model.lora.enabled)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     r = cfg.reward

@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration, oreal
+from . import calibration, oreal, reference_update
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -530,6 +530,11 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             policy.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if reference is not None and "reference" in state:
+            reference.module().load_state_dict(state["reference"])
+        elif reference is not None and reference_update.is_dynamic(a):
+            say(f"{resume_from} holds no reference weights (written without a dynamic reference): the "
+                "reference restarts from the initial policy")
         set_rng_state(rank_state["rng"])
         ts = {**state["train_state"], **rank_state}
         step, policy_version, consecutive_nan = ts["step"], ts["policy_version"], ts["consecutive_nan"]
@@ -609,6 +614,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                       "config": config_to_dict(cfg)}
             if strategy != "fsdp2":
                 bundle["model"], bundle["optimizer"] = policy.state_dict(), optimizer.state_dict()
+            if reference is not None and reference_update.is_dynamic(a):  # the moved anchor (a full replica)
+                bundle["reference"] = reference.module().state_dict()
         try:
             return save_checkpoint(ckpt_dir, step, bundle, keep_last=cfg.checkpoint.keep_last, rank_state=rank_state,
                                    sharded=sharded_state(model, optimizer) if strategy == "fsdp2" else None,
@@ -701,6 +708,9 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             if upd["updates"] > 0:
                 policy_version += 1
             step += 1
+            if reference is not None and reference_update.is_due(a, step):  # T1: the KL anchor moves (all ranks)
+                reference_update.update_reference(reference.module(), policy, ema=a.ref_ema)
+                counters["ref_updates"] = counters.get("ref_updates", 0) + 1
             rewards_history.append(mean_reward)
 
             # ---- 5. log, checkpoint
@@ -712,6 +722,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                     metrics.update(calibration.step_metrics([s.extras["calibration"] for s in batch.samples]))
                 if reference is None:
                     metrics.pop("kl", None)  # no reference policy: no KL to report
+                if reference_update.is_dynamic(a):
+                    metrics["ref_updates"] = float(counters.get("ref_updates", 0))
                 metrics["time/elapsed"] = time.perf_counter() - t_run
                 log.log(step, metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
