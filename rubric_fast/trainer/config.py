@@ -25,6 +25,7 @@ from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
 from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
 from .calibration import CalibrationConfig
+from .multiturn import MultiTurnConfig
 from .pairwise_scorer import PairwiseConfig
 
 # examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
@@ -103,6 +104,7 @@ class RolloutConfig:
     overlap: bool = True                # generate step k+1 while step k is being scored
     max_staleness: int = 1              # drop samples more than this many policy versions old
     scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
+    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)   # trainer/multiturn.py
 
 
 @dataclass
@@ -523,16 +525,30 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, oreal, pairwise_scorer, reference_update
+    from . import calibration, multiturn, oreal, pairwise_scorer, reference_update
 
     try:
         calibration.check_config(cfg.reward.calibration)
         oreal.check_config(cfg.algorithm)
         pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)
         reference_update.check_config(cfg.algorithm, lora=cfg.model.lora.enabled)
+        multiturn.check_config(cfg.rollout.multiturn)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     r = cfg.reward
+    if cfg.rollout.multiturn.enabled:
+        why = {"rollout.scaffold.enabled": (cfg.rollout.scaffold.enabled, "rubric scaffolds are written for one "
+                                            "answer to the first prompt"),
+               "reward.calibration.enabled": (r.calibration.enabled, "the confidence belongs to one answer, not "
+                                              "to a conversation"),
+               "reward.pairwise.enabled": (r.pairwise.enabled and cfg.rollout.multiturn.judge == "per_turn",
+                                           "pairwise judging compares whole responses; use "
+                                           "rollout.multiturn.judge=conversation"),
+               "distributed.strategy": (cfg.distributed.strategy == "fsdp2", "episodes end at different turns on "
+                                        "different ranks, and every sharded generate is a collective; use ddp")}
+        for key, (bad, reason) in why.items():
+            if bad:
+                raise ConfigError(f"{key}: not with multi-turn rollouts (rollout.multiturn.enabled): {reason}")
     if r.pairwise.enabled:
         if r.calibration.enabled:
             raise ConfigError("reward.calibration.enabled: RLCR needs a pointwise correctness per response; "

@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration, oreal, reference_update
+from . import calibration, multiturn, oreal, reference_update
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -134,6 +134,7 @@ class Sample:
     reward: float | None = None
     verdicts: list[Any] = field(default_factory=list)
     advantage: float = 0.0
+    token_advantages: list[float] | None = None  # per completion token, when a method sets them (EMPG)
     guard_reason: str | None = None  # the guard judged it junk, and why
     errors: list[str] = field(default_factory=list)  # why its judgement failed (reward None)
     extras: dict[str, Any] = field(default_factory=dict)  # per-method data (docs/methods.md), e.g. calibration
@@ -184,8 +185,8 @@ def batch_to_state(b: RolloutBatch, rubric_index: dict[int, int]) -> dict[str, A
 
 
 def batch_from_state(d: dict[str, Any], rubrics: list[Rubric]) -> RolloutBatch:
-    samples = [Sample(s["group_id"], rubrics[s["rubric"]], s["prompt_ids"], Completion(**s["completion"]),
-                      s["policy_version"]) for s in d["samples"]]
+    samples = [Sample(s["group_id"], rubrics[s["rubric"]], s["prompt_ids"],
+                      multiturn.completion_from_dict(s["completion"]), s["policy_version"]) for s in d["samples"]]
     return RolloutBatch(d["step"], d["policy_version"], d["data_position"], samples, d["group_ids"],
                         d["rollout_time"], d["rollout_tokens"])
 
@@ -238,6 +239,15 @@ class MicroBatch:
     n_tokens: int                  # real (unpadded) tokens in the forward
 
 
+def token_advantages_and_weights(s: Sample, weight: float) -> tuple[list[float], list[float]]:
+    """Per completion token: the advantage (the sample's, or its per-token advantages) and the loss weight
+    (``weight``, times 0 on the environment's tokens of a multi-turn conversation)."""
+    n = len(s.completion.token_ids)
+    adv = s.token_advantages if s.token_advantages is not None else [s.advantage] * n
+    mask = getattr(s.completion, "loss_mask", None)
+    return adv, ([weight * m for m in mask] if mask is not None else [weight] * n)
+
+
 def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool, seq_offset: int) -> MicroBatch:
     width = max(len(s.prompt_ids) + len(s.completion.token_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -248,12 +258,13 @@ def collate(samples: list[Sample], pad_id: int, device, *, mask_truncated: bool,
         ids[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         mask[b, :len(p) + len(c)] = 1
         weight = 0.0 if (mask_truncated and not s.completion.finished) else 1.0
+        tok_adv, tok_w = token_advantages_and_weights(s, weight)
         for j, tok in enumerate(c):
             rows.append(b)
             cols.append(len(p) - 1 + j)
             tgts.append(tok)
-            adv.append(s.advantage)
-            w.append(weight)
+            adv.append(tok_adv[j])
+            w.append(tok_w[j])
             seq.append(seq_offset + b)
             slp.append(s.completion.sampler_logp[j])
     pos = (mask.cumsum(1) - 1).clamp_min(0)
@@ -279,11 +290,12 @@ def collate_packed(samples: list[Sample], device, *, mask_truncated: bool, seq_o
         ids += p + c
         pos += range(len(p) + len(c))
         weight = 0.0 if (mask_truncated and not s.completion.finished) else 1.0
+        tok_adv, tok_w = token_advantages_and_weights(s, weight)
         for j, tok in enumerate(c):
             cols.append(start + len(p) - 1 + j)
             tgts.append(tok)
-            adv.append(s.advantage)
-            w.append(weight)
+            adv.append(tok_adv[j])
+            w.append(tok_w[j])
             seq.append(seq_offset + b)
             slp.append(s.completion.sampler_logp[j])
     t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
@@ -548,6 +560,25 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
 
     def judged_text(text: str) -> str:  # RLCR: the judge never sees the confidence statement
         return calibration.judged_text(cal, text) if cal.enabled else text
+
+    mt = cfg.rollout.multiturn
+    environment = multiturn.build_environment(mt) if mt.enabled else None
+
+    def submit_samples(batch_samples: list[Sample]) -> None:
+        """Every finished sample to the scorer (the k-th of a group is rollout ``group:k``); a multi-turn
+        conversation judged per turn is submitted as one unit per assistant turn (``group:k:t``)."""
+        units = {id(smp): (multiturn.judged_units(smp.completion, mt.judge) if mt.enabled
+                           else [judged_text(smp.completion.text)]) for smp in batch_samples}
+        per_group: dict[int, int] = {}
+        for smp in batch_samples:
+            per_group[smp.group_id] = per_group.get(smp.group_id, 0) + len(units[id(smp)])
+        for k, smp in enumerate(batch_samples):
+            if mt.enabled and mt.judge == "per_turn":
+                for t, text in enumerate(units[id(smp)]):
+                    scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}:{t}", smp.rubric, text,
+                                  group_size=per_group[smp.group_id])
+            else:
+                scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}", smp.rubric, units[id(smp)][0])
     group_counter = [0]
     rubric_index = {id(r): i for i, r in enumerate(rubrics)}
     pending: deque[RolloutBatch] = deque()
@@ -557,8 +588,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         next_rollout_step = ts.get("next_rollout_step", step)
         for b in ts.get("pending", []):
             batch = batch_from_state(b, rubrics)
-            for k, smp in enumerate(batch.samples):  # scores are not saved: grade the completions again
-                scorer.submit(smp.group_id, f"{smp.group_id}:{k % G}", smp.rubric, judged_text(smp.completion.text))
+            submit_samples(batch.samples)  # scores are not saved: grade the completions again
             pending.append(batch)
 
     def rollout(for_step: int) -> RolloutBatch:
@@ -585,6 +615,17 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 samples.append(Sample(gid, rubric, prompt_ids, None, policy_version))  # type: ignore[arg-type]
         k = 0
         n_tok = 0
+        if mt.enabled:  # conversations with the environment, then every one of them to the scorer
+            episodes = [environment.episode(smp.rubric, i % G) for i, smp in enumerate(samples)]
+            convs = multiturn.multiturn_rollout(engine, tokenizer, gen_prompts, [smp.rubric.prompt for smp in samples],
+                                                episodes, mt.max_turns)
+            for smp, c in zip(samples, convs):
+                smp.completion = c
+                n_tok += len(c.token_ids)
+            submit_samples(samples)
+            kill_point("rollout", for_step + 1, info.rank)
+            return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0,
+                                n_tok)
         for completions in engine.generate(gen_prompts):
             for c in completions:
                 s = samples[k]
@@ -639,6 +680,9 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             score_wait = time.perf_counter() - t_wait
             for g, scored in by_group.items():
                 members = [s for s in batch.samples if s.group_id == g]
+                if mt.enabled:  # one result per conversation (per-turn rewards averaged, environment reward)
+                    scored = multiturn.combine_scored([s.completion for s in members], scored, mt.judge,
+                                                      mt.env_reward_weight)
                 for s, r in zip(members, scored):
                     s.reward, s.verdicts, s.guard_reason = r.reward, r.verdicts, r.guard_reason
                     s.errors = rollout_errors(r) if r.reward is None else []
@@ -720,6 +764,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 metrics.update(scorer.metrics())
                 if cal.enabled:
                     metrics.update(calibration.step_metrics([s.extras["calibration"] for s in batch.samples]))
+                metrics.update(multiturn.step_metrics([s.completion for s in batch.samples]))
                 if reference is None:
                     metrics.pop("kl", None)  # no reference policy: no KL to report
                 if reference_update.is_dynamic(a):

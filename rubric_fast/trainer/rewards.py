@@ -46,9 +46,12 @@ class ServiceScorer:
         self._ready: dict[Any, Any] = {}
         self._order: dict[Any, list[str]] = {}
 
-    def submit(self, group_id: int, rollout_id: str, rubric: Rubric, response: str) -> None:
+    def submit(self, group_id: int, rollout_id: str, rubric: Rubric, response: str, *,
+               group_size: int | None = None) -> None:
+        """``group_size``: members of this group when it is not the configured G (multi-turn rollouts judged
+        per turn submit every assistant turn of the group's conversations)."""
         self._order.setdefault(group_id, []).append(rollout_id)
-        self.service.submit(group_id, rollout_id, rubric, response, group_size=self.group_size)
+        self.service.submit(group_id, rollout_id, rubric, response, group_size=group_size or self.group_size)
 
     def collect(self, group_id: int) -> list[ScoredCompletion]:
         while group_id not in self._ready:
