@@ -80,7 +80,7 @@ def test_a_second_sigint_exits_at_once(tmp_path):
     lines: list[str] = []
     wait_for_step(proc, 1, lines)
     proc.send_signal(signal.SIGINT)
-    while True:  # the notice that the step is being finished
+    while True:  # the notice that step 2 is being finished
         line = proc.stderr.readline()
         lines.append(line)
         if not line or "SIGINT: finishing" in line or line.startswith("rubric-fast train: interrupted"):
@@ -90,8 +90,10 @@ def test_a_second_sigint_exits_at_once(tmp_path):
     rc = proc.wait(timeout=120)
     err = "".join(lines) + rest
     assert rc == 130 and "Traceback" not in err
-    # either the second SIGINT came in time (exit at once, said so) or the step had already ended (checkpoint)
-    assert "second SIGINT: exiting now" in err or "interrupted by SIGINT after step" in err
+    # the second SIGINT ends the process while the first step is still running: no checkpoint, no step logged
+    assert "second SIGINT: exiting now" in err and "interrupted by SIGINT after step" not in err
+    assert not list(run.glob("checkpoints/step_*"))
+    assert not any(x.startswith(("step 2/", "step 2 ")) for x in err.splitlines())
 
 
 def test_interrupt_before_the_first_step_exits_130_with_one_line(tmp_path):
