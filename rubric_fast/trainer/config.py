@@ -25,6 +25,7 @@ from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
 from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
 from .calibration import CalibrationConfig
+from .empg import EMPGConfig
 from .multiturn import MultiTurnConfig
 from .pairwise_scorer import PairwiseConfig
 
@@ -141,6 +142,7 @@ class AlgorithmConfig:
     # dynamic KL reference (T1; trainer/reference_update.py): copy every N steps, or an EMA of the policy
     ref_update_interval: int = 0        # 0 = never (with ref_ema set: every step)
     ref_ema: float | None = None        # theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta
+    empg: EMPGConfig = field(default_factory=EMPGConfig)  # entropy-modulated per-step advantages (multi-turn)
 
 
 @dataclass
@@ -525,7 +527,7 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, multiturn, oreal, pairwise_scorer, reference_update
+    from . import calibration, empg, multiturn, oreal, pairwise_scorer, reference_update
 
     try:
         calibration.check_config(cfg.reward.calibration)
@@ -533,6 +535,7 @@ def check_methods(cfg: TrainConfig) -> None:
         pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)
         reference_update.check_config(cfg.algorithm, lora=cfg.model.lora.enabled)
         multiturn.check_config(cfg.rollout.multiturn)
+        empg.check_config(cfg.algorithm.empg, multiturn=cfg.rollout.multiturn.enabled)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     r = cfg.reward

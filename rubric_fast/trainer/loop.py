@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration, multiturn, oreal, reference_update
+from . import calibration, empg, multiturn, oreal, reference_update
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -622,6 +622,9 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             for smp, c in zip(samples, convs):
                 smp.completion = c
                 n_tok += len(c.token_ids)
+            if a.empg.enabled:  # EMPG's step entropies, from the policy that sampled the turns
+                empg.rollout_turn_entropies(model, samples, pad_id, device, temperature=cfg.rollout.temperature,
+                                            token_budget=cfg.optimization.tokens_per_micro_batch)
             submit_samples(samples)
             kill_point("rollout", for_step + 1, info.rank)
             return RolloutBatch(for_step, policy_version, position, samples, group_ids, time.perf_counter() - t0,
@@ -722,6 +725,17 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                 adv_list = oreal.scale_advantages(adv.tolist(), a.positive_loss_factor, a.negative_loss_factor)
                 keep = (oreal.best_worst_keep([s.reward for s in samples], [s.group_id for s in samples])
                         if a.best_worst_only else [True] * len(samples))
+                if a.empg.enabled:  # per-token advantages g(H_t) A_i + zeta f(H_t+1) (a collective: every rank)
+                    idx = [i for i, ok in enumerate(valid.tolist()) if ok]
+                    step_adv = empg.empg_step_advantages([adv_list[i] for i in idx],
+                                                         [samples[i].completion.turn_entropy for i in idx],
+                                                         a.empg, device=device)
+                    for i, sa in zip(idx, step_adv):
+                        c = samples[i].completion
+                        samples[i].token_advantages = empg.token_advantages(sa, c.turn_spans, len(c.token_ids))
+                    hs = [h for i in idx for h in samples[i].completion.turn_entropy]
+                    if hs:
+                        metrics["empg/step_entropy"] = sum(hs) / len(hs)
                 live_groups = set()
                 for s, av, ok in zip(samples, adv_list, valid.tolist()):
                     s.advantage = av

@@ -146,6 +146,7 @@ class MultiTurnCompletion(Completion):
     turn_spans: list[list[int]] = field(default_factory=list)   # [start, end) of each assistant turn in token_ids
     turns: list[dict[str, str]] = field(default_factory=list)   # the messages after the prompt
     env_reward: float | None = None
+    turn_entropy: list[float] = field(default_factory=list)     # mean token entropy per assistant turn (EMPG)
 
     @property
     def assistant_texts(self) -> list[str]:
