@@ -53,6 +53,15 @@ class ScoringService:
                 pass  # reported by the next ready_groups()/submit()
         self._loop.call_soon_threadsafe(go)
 
+    def score_now(self, items: list[tuple[str, Any, str]], timeout: float | None = None) -> list:
+        """Score ``(rollout_id, record, response)`` items outside any group and wait for all of them (same
+        guard, cache, judge, aggregation and accounting as a submitted rollout); a list of ScoredRollout."""
+        self._check()
+
+        async def run():
+            return await asyncio.gather(*(self.scorer.score(rid, record, response) for rid, record, response in items))
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
     def close_group(self, group_id) -> None:
         """No more members will be submitted for ``group_id`` (use when group sizes are not fixed)."""
         self._check()

@@ -28,6 +28,7 @@ from .calibration import CalibrationConfig
 from .empg import EMPGConfig
 from .multiturn import MultiTurnConfig
 from .pairwise_scorer import PairwiseConfig
+from .refine import RefineConfig
 
 # examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
 EXAMPLES_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "examples",
@@ -106,6 +107,7 @@ class RolloutConfig:
     max_staleness: int = 1              # drop samples more than this many policy versions old
     scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
     multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)   # trainer/multiturn.py
+    refine: RefineConfig = field(default_factory=RefineConfig)            # RGR refinements (trainer/refine.py)
 
 
 @dataclass
@@ -527,7 +529,7 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, empg, multiturn, oreal, pairwise_scorer, reference_update
+    from . import calibration, empg, multiturn, oreal, pairwise_scorer, reference_update, refine
 
     try:
         calibration.check_config(cfg.reward.calibration)
@@ -536,9 +538,23 @@ def check_methods(cfg: TrainConfig) -> None:
         reference_update.check_config(cfg.algorithm, lora=cfg.model.lora.enabled)
         multiturn.check_config(cfg.rollout.multiturn)
         empg.check_config(cfg.algorithm.empg, multiturn=cfg.rollout.multiturn.enabled)
+        refine.check_config(cfg.rollout.refine)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     r = cfg.reward
+    if cfg.rollout.refine.enabled:
+        why = {"algorithm.is_cap": (cfg.algorithm.is_cap is None, "the revisions are off-policy samples: they need "
+                                    "the truncated importance weight; set a cap such as 2.0"),
+               "reward.pairwise.enabled": (r.pairwise.enabled, "the revision prompt lists the unmet criteria, "
+                                           "and pairwise judging gives no per-criterion verdicts"),
+               "reward.calibration.enabled": (r.calibration.enabled, "a revision has no confidence of its own"),
+               "rollout.multiturn.enabled": (cfg.rollout.multiturn.enabled, "a conversation is not revised as "
+                                             "one response"),
+               "distributed.strategy": (cfg.distributed.strategy == "fsdp2", "ranks refine different numbers of "
+                                        "groups, and every sharded generate is a collective; use ddp")}
+        for key, (bad, reason) in why.items():
+            if bad:
+                raise ConfigError(f"{key}: not with rubric-guided refinement (rollout.refine.enabled): {reason}")
     if cfg.rollout.multiturn.enabled:
         why = {"rollout.scaffold.enabled": (cfg.rollout.scaffold.enabled, "rubric scaffolds are written for one "
                                             "answer to the first prompt"),

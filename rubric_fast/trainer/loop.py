@@ -50,7 +50,7 @@ from rubric_fast.integrations.hf import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 
-from . import calibration, empg, multiturn, oreal, reference_update
+from . import calibration, empg, multiturn, oreal, reference_update, refine
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -712,6 +712,12 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                     f"{summarize_errors(e for s in asked for e in s.errors)}. Check the judge (judge.endpoints, "
                     "its logs, judge.timeout_s)")
             mean_reward = global_sum(sum(valid_rewards), device) / n_valid if n_valid else float("nan")
+            if cfg.rollout.refine.enabled and samples:  # RGR: revisions of the best responses join their groups
+                revised, refine_metrics = refine.refine_groups(
+                    samples, cfg.rollout.refine, engine=engine, tokenizer=tokenizer, scorer=scorer,
+                    encode_prompt=encode_prompt, policy_version=policy_version)
+                samples = samples + revised
+                metrics.update(refine_metrics)
             train_samples: list[Sample] = []
             if samples:
                 r_t = torch.tensor([float("nan") if s.reward is None else s.reward for s in samples], dtype=torch.float32)

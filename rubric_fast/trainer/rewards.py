@@ -53,6 +53,11 @@ class ServiceScorer:
         self._order.setdefault(group_id, []).append(rollout_id)
         self.service.submit(group_id, rollout_id, rubric, response, group_size=group_size or self.group_size)
 
+    def score_now(self, items: list[tuple[str, Rubric, str]]) -> list[ScoredCompletion]:
+        """Score ``(rollout_id, rubric, response)`` outside any group, waiting (refined samples, RGR)."""
+        return [ScoredCompletion(None, r.rollout_id, r.reward, r.verdicts, r.error, r.latency_s, r.guard_reason)
+                for r in self.service.score_now(items)]
+
     def collect(self, group_id: int) -> list[ScoredCompletion]:
         while group_id not in self._ready:
             for g in self.service.ready_groups(timeout=None):
