@@ -83,8 +83,8 @@ def _fwd_tile_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, z_ptr,
         u = tl.sum(e * d, axis=1)
         zy = tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         n_vt = tl.cdiv(V, BLOCK_V)
-        base = part_ptr + pid_v.to(tl.int64) * N + rows
-        stride_q = n_vt.to(tl.int64) * N
+        base = part_ptr + tl.cast(pid_v, tl.int64) * N + rows
+        stride_q = tl.cast(n_vt, tl.int64) * N
         tl.store(base, m, mask=row_mask)
         tl.store(base + stride_q, s, mask=row_mask)
         tl.store(base + 2 * stride_q, u, mask=row_mask)
@@ -100,13 +100,13 @@ def _combine_kernel(part_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, n_tiles, i
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
-    stride_q = n_tiles.to(tl.int64) * N
+    stride_q = tl.cast(n_tiles, tl.int64) * N
     big_m = tl.full((BLOCK,), NEG_INIT, tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     u = tl.zeros((BLOCK,), tl.float32)
     zy = tl.zeros((BLOCK,), tl.float32)
     for k in range(n_tiles):
-        off = k * N + rows
+        off = tl.cast(k, tl.int64) * N + rows
         mk = tl.load(part_ptr + off, mask=mask, other=NEG_INIT)
         sk = tl.load(part_ptr + stride_q + off, mask=mask, other=0.0)
         uk = tl.load(part_ptr + 2 * stride_q + off, mask=mask, other=0.0)
@@ -122,7 +122,7 @@ def _combine_kernel(part_ptr, tgt_ptr, logp_ptr, ent_ptr, lse_ptr, N, n_tiles, i
     log_s = tl.log(s)
     lse = big_m + log_s
     ent = tl.maximum(log_s - u / s, 0.0)
-    logp = tl.minimum(zy - lse, 0.0)
+    logp = tl.minimum((zy - big_m) - log_s, 0.0)  # relative to the max: no cancellation of two 1e4-sized values
     tgt = tl.load(tgt_ptr + rows, mask=mask, other=ignore_index)
     ign = tgt == ignore_index
     tl.store(logp_ptr + rows, tl.where(ign, 0.0, logp), mask=mask)
@@ -252,7 +252,7 @@ def forward_rows(hidden, weight, targets, bias, temperature, ignore_index, z_out
     if n == 0:
         return logp, ent, lse
     arch = plan.device_arch(dev)
-    tile_spec, comb_spec = plan.forward_launches(n, v, weight.dtype, arch, has_bias=bias is not None,
+    tile_spec, comb_spec = plan.forward_launches(n, h, v, weight.dtype, arch, has_bias=bias is not None,
                                                  store_z=z_out is not None)
     n_vt = plan.cdiv(v, tile_spec.constexprs["BLOCK_V"])
     part = new_empty((4, n_vt, n), torch.float32, dev)
@@ -284,7 +284,7 @@ class RowBlockPass:
         self.n_rows = n if idx is None else idx.numel()
         es = weight.element_size()
         fixed = fixed_bytes + (n * h * es if needs_dhidden else 0) + (v * h * es if needs_dweight else 0)
-        self.tile = plan.tile_config(weight.dtype, plan.device_arch(dev))
+        self.tile = plan.tile_config(weight.dtype, plan.device_arch(dev), h=h, v=v)
         self.blocks = plan.plan_blocks(self.n_rows, h, v, dtype=weight.dtype, tile=self.tile,
                                        needs_dweight=needs_dweight, fixed_bytes=fixed)
         self.dhidden = torch.zeros((n, h), dtype=hidden_dtype, device=dev) if needs_dhidden else None
@@ -325,8 +325,8 @@ class RowBlockPass:
                             dst.index_copy_(0, ib, src)
             else:
                 lse_a, mu_a, gl_a, gh_a = given
-                tile_only = plan.forward_launches(rb, v, w.dtype, plan.device_arch(dev), has_bias=b is not None,
-                                                  store_z=True, stats=False)[0]
+                tile_only = plan.forward_launches(rb, xb.shape[1], v, w.dtype, plan.device_arch(dev),
+                                                  has_bias=b is not None, store_z=True, stats=False)[0]
                 _launch(tile_only, xb, w, b if b is not None else xb, tb, zb, zb, rb, v, xb.shape[1], xb.stride(0),
                         w.stride(0), zb.stride(0), inv_t)
                 lse_b, mu_b, gl_b, gh_b = (a[r0:r1] for a in (lse_a, mu_a, gl_a, gh_a))

@@ -69,20 +69,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
-def tile_config(dtype: torch.dtype, arch: int | None, interpret: bool | None = None) -> TileConfig:
+def tile_config(dtype: torch.dtype, arch: int | None, interpret: bool | None = None, *, h: int | None = None,
+                v: int | None = None) -> TileConfig:
     """The logits-GEMM tile for this dtype and compute capability (e.g. 90 for H100 / H200).
 
     16-bit inputs on Hopper: 128 x 128 tiles over two warpgroups (wgmma m64n128), 4 stages of 128x64 + 128x64
     bf16 in shared memory (128 KiB), 16 row blocks sweep the vocabulary together so that a wave of programs
     shares its W tiles and its X rows through L2. 128 x 256 tiles spill registers in the softmax epilogue
     (``rubric-fast compile-check`` reports it), so they are not used. Ampere: the same tile, mma.sync, 3
-    stages (96 KiB). fp32 (exact FMA): smaller tiles."""
+    stages (96 KiB). Rows whose length (H, or V for the stored logits) is not a multiple of 16 elements
+    cannot be loaded / stored with 16-byte vectors and spill at 128 x 128: those shapes take 128 x 64 x 32.
+    fp32 (exact FMA): smaller tiles."""
     if interpreting() if interpret is None else interpret:
         return INTERPRETER_TILE
     if dtype == torch.float32:
         if dot_precision(dtype) == "tf32" and arch is not None and arch >= 80:
             return TileConfig(128, 128, 32, 16, 8, 3)
         return TileConfig(64, 128, 32, 16, 8, 2)
+    if (h is not None and h % 16) or (v is not None and v % 16):
+        return TileConfig(128, 64, 32, 16, 8, 3)
     if arch is not None and arch >= 90:
         return TileConfig(128, 128, 64, 16, 8, 4)
     return TileConfig(128, 128, 64, 16, 8, 3)
@@ -218,9 +223,9 @@ class FusedPlan:
         return self.gemm_flops / self.floor_flops if self.floor_flops else 0.0
 
 
-def forward_launches(n: int, v: int, dtype: torch.dtype, arch: int | None, *, has_bias: bool, store_z: bool,
-                     stats: bool = True) -> list[KernelLaunch]:
-    tile = tile_config(dtype, arch)
+def forward_launches(n: int, h: int, v: int, dtype: torch.dtype, arch: int | None, *, has_bias: bool,
+                     store_z: bool, stats: bool = True) -> list[KernelLaunch]:
+    tile = tile_config(dtype, arch, h=h, v=v)
     rw = rowwise_config()
     out = [KernelLaunch("_fwd_tile_kernel", "linear_logprob_entropy",
                         dict(HAS_BIAS=has_bias, STORE_Z=store_z, STATS=stats, DOT_PRECISION=dot_precision(dtype),
@@ -250,7 +255,7 @@ def plan_fused(n: int, h: int, v: int, *, dtype: torch.dtype = torch.bfloat16, a
         raise ValueError(f"schedule: got {schedule!r}; accepted: fused, recompute, forward")
     n_active = n if n_active is None else n_active
     es = elem_size(dtype)
-    tile = tile_config(dtype, arch)
+    tile = tile_config(dtype, arch, h=h, v=v)
     one = 2.0 * h * v
     floor = (6.0 if schedule != "forward" else 2.0) * n * h * v
     vec = 12 * n * 4  # per-row fp32 vectors (logp, entropy, lse, coefficients, gathers)
@@ -259,7 +264,7 @@ def plan_fused(n: int, h: int, v: int, *, dtype: torch.dtype = torch.bfloat16, a
         part = 4 * n_vt * n * 4
         return FusedPlan("forward", n, h, v, 0, str(dtype).replace("torch.", ""), arch, tile, None, one * n, floor,
                          part + vec, n * h * es + v * h * es * max(1, cdiv(n, tile.BLOCK_N * tile.GROUP_N)) + 2 * part,
-                         2 * part, forward_launches(n, v, dtype, arch, has_bias=has_bias, store_z=False))
+                         2 * part, forward_launches(n, h, v, dtype, arch, has_bias=has_bias, store_z=False))
     grads = (n * h * es if needs_dhidden else 0) + (v * h * es if needs_dweight else 0) + (v * 4 if has_bias else 0)
     blocks = plan_blocks(n_active, h, v, dtype=dtype, tile=tile, needs_dweight=needs_dweight, fixed_bytes=grads + vec)
     gemms_per_row = 1 + int(needs_dhidden) + int(needs_dweight)
@@ -279,11 +284,11 @@ def plan_fused(n: int, h: int, v: int, *, dtype: torch.dtype = torch.bfloat16, a
     w_traffic = v * h * es * (cdiv(n_active, tile.BLOCK_N * tile.GROUP_N) + blocks.n_blocks * (gemms_per_row - 1))
     dw_traffic = (blocks.n_blocks - 1) * v * h * (8 if blocks.dw_accum == "fp32" else 2 * es) if needs_dweight else 0
     x_traffic = (n_active + fwd_rows) * h * es * 3
-    launches = forward_launches(blocks.rows_per_block, v, dtype, arch, has_bias=has_bias, store_z=True,
+    launches = forward_launches(blocks.rows_per_block, h, v, dtype, arch, has_bias=has_bias, store_z=True,
                                 stats=schedule == "fused")
     launches.append(dlogits_launch(blocks.rows_per_block, in_place=es != 4, has_dbias=has_bias))
     if fwd_rows:
-        launches += forward_launches(fwd_rows, v, dtype, arch, has_bias=has_bias, store_z=False)
+        launches += forward_launches(fwd_rows, h, v, dtype, arch, has_bias=has_bias, store_z=False)
     if blocks.dw_accum == "fp32":
         launches.append(mm_accumulate_launch(v, h, arch))
     rowwise = n_active * v * (4 + es) + fwd_part * 2 + (4 * n_vt * n_active * 8 if schedule == "fused" else 0)
@@ -294,6 +299,8 @@ def plan_fused(n: int, h: int, v: int, *, dtype: torch.dtype = torch.bfloat16, a
 def mm_accumulate_launch(m: int, n: int, arch: int | None, dtype: torch.dtype = torch.bfloat16) -> KernelLaunch:
     if interpreting():
         bm, bn, bk, warps, stages = 16, 16, 16, 1, 1
+    elif m % 16 or n % 16:  # rows not 16-byte aligned: the smaller tile does not spill
+        bm, bn, bk, warps, stages = 128, 64, 64, 8, 3
     elif arch is not None and arch >= 90:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 4  # 128 x 256 spills (compile-check)
     else:

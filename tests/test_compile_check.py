@@ -76,3 +76,13 @@ def test_bad_shape_argument_is_one_line():
     assert proc.returncode == 2
     assert "--shape: expected N,H,V" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_odd_and_tiny_shapes_compile_without_spills(tmp_path):
+    """Rows that are not 16-byte aligned (H = 24, 2050; V = 130, 131101), a single row, a one-tile
+    vocabulary (a count of 1 is specialized into a constexpr by Triton) and N x V > 2^31."""
+    cmd = [sys.executable, "-m", "rubric_fast.cli", "compile-check", "--arch", "90", "--arch", "80",
+           "--dtype", "bfloat16", "--shape", "1,16,37", "--shape", "33,24,130", "--shape", "1,64,1",
+           "--shape", "16391,2050,131101"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -324,7 +324,10 @@ else:
         lp2, en2, _ = lle.linear_logprob_entropy_fwd(x.float(), w.float(), t2, b.float(), 1.0, -100)
         assert (lp2 <= 0).all() and (en2 >= 0).all()
         rl, _, _ = ref.linear_logprob_entropy(x.double(), w.double(), t2, bias=b.double())
-        _close(lp2, rl, 1e-6, "logp at the argmax")
+        # fp32 logits of size 1e4 carry ~1e-3 absolute error: compare errors with plain fp32 torch's
+        t32 = torch.log_softmax(z, dim=-1).gather(1, t2[:, None]).squeeze(1)
+        err, err_t = (lp2.double() - rl).abs().max().item(), (t32.double() - rl).abs().max().item()
+        assert err <= 2 * err_t + 1e-6, f"logp at the argmax: err {err:.3e} vs fp32 torch {err_t:.3e} (seed={SEED})"
 
     def test_launchers_launch_what_the_plan_says(gen, monkeypatch):
         """compile-check compiles kernels/plan.py's launches: the launchers must launch exactly those."""
