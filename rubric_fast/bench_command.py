@@ -592,6 +592,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a check's outcome for the section's 'checks' line (repeatable)")
     parser.add_argument("--from-json", default=None,
                         help="measure nothing: re-render --results / --markdown / --json from this saved JSON")
+    parser.add_argument("--plan", action="append", metavar="N,H,V", default=None,
+                        help="measure nothing, no GPU needed: print the schedule, row blocks, GEMM FLOPs as a "
+                             "multiple of the three-GEMM floor, workspace, peak extra memory and estimated HBM "
+                             "traffic of each case at this shape (repeatable; 'default' = the two benchmark shapes)")
+    parser.add_argument("--arch", type=int, default=90, help="with --plan: compute capability (default 90)")
 
 
 def _select(args, gpu: bool):
@@ -660,12 +665,34 @@ def _measure(args) -> int:
 def run(args) -> int:
     # one branch per mode; a new mode (e.g. a plan printer) adds its option in add_arguments and a branch here
     try:
+        if args.plan:
+            return _print_plan(args)
         if args.from_json:
             return _rerender(args)
         return _measure(args)
     except ValueError as exc:
         print(f"rubric-fast bench: {exc}", file=sys.stderr)
         return 2
+
+
+def _print_plan(args) -> int:
+    from .bench_plan import show
+
+    shapes = []
+    for text in args.plan:
+        if text == "default":
+            shapes += [(c.n, c.h, c.v) for c in GPU_CASES if c.grad and c.top_entropy_fraction is None]
+            continue
+        try:
+            n, h, v = (int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"--plan: expected N,H,V (three integers) or 'default', got {text!r}") from None
+        if min(n, h, v) <= 0:
+            raise ValueError(f"--plan: N, H and V must be positive, got {text!r}")
+        shapes.append((n, h, v))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(show(shapes, dtype=dtype, arch=args.arch))
+    return 0
 
 
 def main(argv=None) -> int:

@@ -85,3 +85,15 @@ def test_tiles_per_arch_and_dtype():
         assert smem <= plan.shared_limit(arch)
     assert plan.dot_precision(torch.float32) == "ieee"  # torch's default fp32 matmul precision is exact
     assert plan.tile_config(torch.float32, 90, interpret=True) == plan.INTERPRETER_TILE
+
+
+def test_bench_plan_command_needs_no_gpu(capsys):
+    from rubric_fast.bench_command import main
+
+    assert main(["--plan", "default"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("3.00 GEMM-equivalents") == 2  # both benchmark shapes, fused schedule
+    assert "N=16384 H=2048 V=151936" in out and "N=8192 H=4096 V=128256" in out
+    assert main(["--plan", "4096,1,2"]) == 0  # any shape, even a silly one
+    assert main(["--plan", "1,2"]) == 2
+    assert "--plan: expected N,H,V" in capsys.readouterr().err
