@@ -2,7 +2,8 @@
 
 ``POST /v1/chat/completions`` reads the judge prompt (``<response>``, ``<criterion>`` / ``<criteria>``) and
 answers in the requested format. The default verdict: a criterion is met iff the *last word* of its text
-(lower case, no punctuation) occurs in the response; the holistic rating is 1 + 9 * (fraction met).
+(lower case, no punctuation) occurs in the response; the holistic rating is 1 + 9 * (fraction met); a pairwise
+prompt (``<response_A>`` / ``<response_B>``) is won by the response meeting more of the listed criteria.
 
 Faults (per request, seeded): ``p_429`` (with ``Retry-After``), ``p_500``, ``p_timeout`` (sleeps past the
 client timeout), ``p_malformed`` (reply content that is not the requested JSON), ``p_drop`` (closes the
@@ -198,6 +199,12 @@ class JudgeServer:
     def _content(self, user: str, response_text: str, fault: str) -> str:
         if fault == "malformed":
             return "I think the criterion is met, {criteria_met: yes"
+        pair = re.search(r"<response_A>\n(.*?)\n</response_A>\s*<response_B>\n(.*?)\n</response_B>", user, re.S)
+        if pair:  # pairwise: the response meeting more criteria (by the default verdict) wins
+            listed = re.findall(r"^- (.*) \[weight", user, re.M)
+            met = [sum(self.verdict(t, r) for t in listed) for r in pair.groups()]
+            winner = "tie" if met[0] == met[1] else ("A" if met[0] > met[1] else "B")
+            return json.dumps({"explanation": "scripted", "winner": winner})
         crit = re.search(r"<criterion>\n(.*?)\n</criterion>", user, re.S)
         if crit:
             met = self.verdict(crit.group(1), response_text)

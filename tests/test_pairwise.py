@@ -194,3 +194,27 @@ def test_one_training_step_with_pairwise_rewards(tmp_path, monkeypatch):
     last = rows[-1]
     assert last["pairwise/comparisons"] == 6 and last["pairwise/kept"] == 6 and last["pairwise/judge_calls"] == 12
     assert last["pass_rate/has_letter"] == 0.5 and last["policy_version"] == 1
+
+
+def test_http_pairwise_judge_against_an_openai_compatible_server():
+    from judge_server import JudgeServer
+
+    from rubric_fast.judges.pairwise import build_pairwise_judge
+
+    # the scripted server prefers the response with more criterion keywords ("period", "e", "words");
+    # a 500 (retried by the pool) and a malformed reply (re-asked) on the way change nothing
+    with JudgeServer(script=["500", "malformed"]) as srv:
+        judge = build_pairwise_judge({"type": "http", "model": "m", "endpoints": [srv.url], "retries": 3,
+                                      "backoff_base_s": 0.01, "timeout_s": 5})
+        sc = PairwiseScorer(judge, PairwiseConfig(enabled=True), 3)
+        try:
+            for k, t in enumerate(["cat e words", "cat e", "cat"]):
+                sc.submit(0, f"0:{k}", RUB, t)
+            got = sc.collect(0)
+            m = sc.metrics()
+        finally:
+            sc.close()
+    assert got[0].reward > got[1].reward > got[2].reward
+    assert m["pairwise/kept"] == 3 and m["pairwise/judge_calls"] == 6 and m["pairwise/judge_failures"] == 0
+    assert srv.counts["500"] == 1 and srv.counts["malformed"] == 1
+    assert "<hard_rules>" in srv.bodies[-1]["messages"][1]["content"]
