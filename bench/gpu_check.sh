@@ -213,7 +213,7 @@ print(cap[0] * 10 + cap[1] if cap else 90)" 2>&1)
   [ "$DRY_RUN" = 1 ] && bench_args=(--device cpu --reps 2 --warmup 1)
   [ -f "$RESULTS" ] || cp bench/RESULTS.md "$RESULTS"
   # the suite itself stops starting rows a little before the stage's limit, so that it ends cleanly
-  BENCH_LIGER_COMPILED="${BENCH_LIGER_COMPILED:-0}" timeout -k 3 "$T" "$PY" -m rubric_fast.bench_command \
+  RUBRIC_FAST_AUTOTUNE="${RUBRIC_FAST_AUTOTUNE:-1}" BENCH_LIGER_COMPILED="${BENCH_LIGER_COMPILED:-0}" timeout -k 3 "$T" "$PY" -m rubric_fast.bench_command \
     "${bench_args[@]}" --time-budget $((T > 24 ? T - 12 : T / 2)) --run-id "$RUN_ID" \
     --json "$OUT/bench.json" --results "$RESULTS" "${status[@]}" 2>&1 | cut -c1-170
   BENCH_RC=${PIPESTATUS[0]}

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import plan
+from . import autotune, plan
 from ._common import f32, new_empty
 from .plan import KernelLaunch
 
@@ -242,12 +242,45 @@ def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
         raise ValueError(f"targets: values must be in [0, {vocab}) or ignore_index={ignore_index}; got {v}")
 
 
+def _maybe_autotune(hidden, weight, bias):
+    """RUBRIC_FAST_AUTOTUNE=1 on a GPU: time the tile candidates once for this (dtype, arch, H, V)."""
+    if not (hidden.is_cuda and autotune.enabled()):
+        return
+    n, h = hidden.shape
+    v = weight.shape[0]
+    arch = plan.device_arch(hidden.device)
+    if plan.tune_key(weight.dtype, arch, h, v) in plan._TUNED:
+        return
+    rows = hidden[: min(n, 4096)]
+    tgt = torch.zeros(rows.shape[0], dtype=torch.int64, device=hidden.device)
+
+    def measure(tile):
+        spec = plan.KernelLaunch("_fwd_tile_kernel", "linear_logprob_entropy",
+                                 dict(HAS_BIAS=bias is not None, STORE_Z=False, STATS=True,
+                                      DOT_PRECISION=plan.dot_precision(weight.dtype), **tile.constexprs()),
+                                 tile.num_warps, tile.num_stages, plan.forward_grid(rows.shape[0], v, tile), gemm=True)
+        part = torch.empty((4, plan.cdiv(v, tile.BLOCK_V), rows.shape[0]), dtype=torch.float32, device=rows.device)
+        args = (rows, weight, bias if bias is not None else rows, tgt, part, part, rows.shape[0], v, h,
+                rows.stride(0), weight.stride(0), 0, 1.0)
+        _launch(spec, *args)  # compile and warm up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            _launch(spec, *args)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 3
+
+    autotune.ensure_tuned(weight.dtype, arch, h, v, measure)
+
+
 def forward_rows(hidden, weight, targets, bias, temperature, ignore_index, z_out=None, out=None):
     """Forward on prepared tensors -> (logp, entropy, lse) fp32. ``z_out`` ([N, >=V] fp32 rows) receives the
     scaled logits when given; ``out`` = three fp32 [N] tensors to write into (else fresh ones)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
+    _maybe_autotune(hidden, weight, bias)
     logp, ent, lse = out if out is not None else (new_empty((n,), torch.float32, dev) for _ in range(3))
     if n == 0:
         return logp, ent, lse
@@ -284,6 +317,7 @@ class RowBlockPass:
         self.n_rows = n if idx is None else idx.numel()
         es = weight.element_size()
         fixed = fixed_bytes + (n * h * es if needs_dhidden else 0) + (v * h * es if needs_dweight else 0)
+        _maybe_autotune(hidden, weight, bias)
         self.tile = plan.tile_config(weight.dtype, plan.device_arch(dev), h=h, v=v)
         self.blocks = plan.plan_blocks(self.n_rows, h, v, dtype=weight.dtype, tile=self.tile,
                                        needs_dweight=needs_dweight, fixed_bytes=fixed)

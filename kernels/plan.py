@@ -69,8 +69,41 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
+# Autotuning (RUBRIC_FAST_AUTOTUNE=1 on a GPU): the forward tile is chosen among these by timing, once per
+# (dtype, arch, H, V), and remembered (kernels/autotune.py). Every candidate is compile-checked.
+TILE_CANDIDATES_16BIT = (TileConfig(128, 128, 64, 16, 8, 4), TileConfig(128, 128, 64, 8, 8, 3),
+                         TileConfig(128, 64, 64, 16, 4, 4), TileConfig(128, 128, 32, 16, 8, 5))
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def tune_key(dtype: torch.dtype, arch: int | None, h: int | None, v: int | None) -> tuple:
+    return (str(dtype).replace("torch.", ""), arch, h, v)
+
+
+def tile_candidates(dtype: torch.dtype, arch: int | None, *, h: int, v: int) -> list[TileConfig]:
+    """The tiles autotuning may choose from for this shape (the default first)."""
+    default = default_tile(dtype, arch, h=h, v=v)
+    if interpreting() or dtype == torch.float32 or arch is None or arch < 80 or h % 16 or v % 16:
+        return [default]
+    return [default] + [t for t in TILE_CANDIDATES_16BIT if t != default]
+
+
+def set_tuned(dtype: torch.dtype, arch: int | None, h: int, v: int, tile: TileConfig) -> None:
+    _TUNED[tune_key(dtype, arch, h, v)] = tile
+
+
 def tile_config(dtype: torch.dtype, arch: int | None, interpret: bool | None = None, *, h: int | None = None,
                 v: int | None = None) -> TileConfig:
+    """The tile the launchers use: an autotuned one for this (dtype, arch, H, V) if there is one, else the
+    default (:func:`default_tile`)."""
+    tuned = _TUNED.get(tune_key(dtype, arch, h, v))
+    if tuned is not None and not (interpreting() if interpret is None else interpret):
+        return tuned
+    return default_tile(dtype, arch, interpret, h=h, v=v)
+
+
+def default_tile(dtype: torch.dtype, arch: int | None, interpret: bool | None = None, *, h: int | None = None,
+                 v: int | None = None) -> TileConfig:
     """The logits-GEMM tile for this dtype and compute capability (e.g. 90 for H100 / H200).
 
     16-bit inputs on Hopper: 128 x 128 tiles over two warpgroups (wgmma m64n128), 4 stages of 128x64 + 128x64

@@ -65,6 +65,14 @@ def _variants(arch: int, shapes, dtypes):
                             for spec in p.launches:
                                 args = _args_for(spec, x, i64, f, p, h, v)
                                 out.append((f"{dname} N{n} H{h} V{v} {schedule} bias={int(has_bias)}", spec, args))
+            # the autotuning candidates, in their heaviest form (stored logits, statistics, bias)
+            for tile in plan.tile_candidates(dt, arch, h=h, v=v)[1:]:
+                spec = plan.KernelLaunch("_fwd_tile_kernel", "linear_logprob_entropy",
+                                         dict(HAS_BIAS=True, STORE_Z=True, STATS=True,
+                                              DOT_PRECISION=plan.dot_precision(dt), **tile.constexprs()),
+                                         tile.num_warps, tile.num_stages, plan.forward_grid(n, v, tile), gemm=True)
+                p = plan.plan_fused(n, h, v, dtype=dt, arch=arch)
+                out.append((f"{dname} N{n} H{h} V{v} autotune candidate", spec, _args_for(spec, x, i64, f, p, h, v)))
             # dW accumulated in fp32 over row blocks (taken when the budget leaves blocks of >= 1024 rows)
             if dt != torch.float32:
                 p = plan.plan_fused(min(n, 4096), h, v, dtype=dt, arch=arch)
