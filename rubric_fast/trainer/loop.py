@@ -338,6 +338,19 @@ def token_hidden(model: nn.Module, mb: MicroBatch):
     return hidden[mb.rows, mb.cols], weight, bias
 
 
+def push_weights(engine, policy: nn.Module) -> None:
+    """The policy's weights into a separate inference engine (vllm); a failure stops the run, because the next
+    rollouts would silently come from stale weights. A no-op for the hf engine, which samples the policy itself."""
+    if not hasattr(engine, "after_update"):
+        return
+    from .vllm_engine import WeightSyncError
+
+    try:
+        engine.after_update(policy)
+    except WeightSyncError as exc:
+        raise TrainingStopped(str(exc)) from None
+
+
 # ------------------------------------------------------------------------------------------------ setup helpers
 def pick_device(name: str, info: DistInfo) -> torch.device:
     if name == "auto":
@@ -511,8 +524,18 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
 
     # ---- data, rollout engine, scorer
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout,
-                         via=model if strategy == "fsdp2" else None, synced=strategy == "fsdp2")
+    if cfg.rollout.engine == "vllm":  # vllm_engine.py: a colocated vllm.LLM or vllm serve endpoints
+        from .vllm_engine import WeightSyncError, make_vllm_engine
+
+        try:
+            engine = make_vllm_engine(policy, tokenizer, cfg, run_dir=run_dir, rank=info.rank, is_main=info.is_main,
+                                      device=device)
+        except WeightSyncError as exc:
+            raise TrainingStopped(str(exc)) from None
+        closers.append(engine)
+    else:
+        engine = make_engine(cfg.rollout.engine, policy, tokenizer, cfg.rollout,
+                             via=model if strategy == "fsdp2" else None, synced=strategy == "fsdp2")
     try:
         if cfg.reward.pairwise.enabled:  # rewards from comparisons within each group (pairwise_scorer.py)
             scorer = make_pairwise_scorer(cfg.judge, cfg.scoring, cfg.reward.pairwise, cfg.rollout.num_generations)
@@ -554,6 +577,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         stream.seek(ts["data_position"])
         rewards_history = list(ts.get("rewards", []))  # the whole run's, for the closing summary
         say(f"resumed from {resume_from} at step {step}")
+        push_weights(engine, policy)  # a separate inference engine must sample from the resumed weights
 
     G, P = cfg.rollout.num_generations, cfg.data.prompts_per_step // info.world_size
     cal = cfg.reward.calibration
@@ -754,9 +778,13 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
 
             # ---- 4. update
             t_up = time.perf_counter()
+            if hasattr(engine, "before_update"):  # colocated vLLM on CUDA sleeps through the update
+                engine.before_update()
             upd = update(cfg, model, reference, optimizer, scheduler, train_samples, pad_id, device, strategy=strategy,
                          step=step + 1, rank=info.rank)
             update_time = time.perf_counter() - t_up
+            if upd["updates"] > 0:
+                push_weights(engine, policy)  # before anything is generated from the new policy version
             if upd["nonfinite"]:
                 consecutive_nan += 1
                 counters["nan_steps"] += 1
