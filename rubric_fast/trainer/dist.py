@@ -33,7 +33,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from rubric_fast.integrations.hf import get_decoder, hidden_states_and_head
+from rubric_fast.trainer.lm_head import get_decoder, hidden_states_and_head
 
 from .models import DTYPES
 

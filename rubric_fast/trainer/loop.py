@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from rubric_fast import ops
-from rubric_fast.integrations.hf import hidden_states_and_head
+from rubric_fast.trainer.lm_head import hidden_states_and_head
 from rubric_fast.rubric import Rubric, load_rubrics
 from rubric_fast.scoring.scorer import rollout_errors, summarize_errors
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rubric_fast.integrations.hf import check_linear_head
+from rubric_fast.trainer.lm_head import check_linear_head
 
 from .config import ModelConfig
 

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rubric_fast.integrations.hf import unwrap_model
+from rubric_fast.trainer.lm_head import unwrap_model
 
 
 @dataclass

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rubric_fast.integrations.hf import unwrap_model
+from rubric_fast.trainer.lm_head import unwrap_model
 
 from .config import ConfigError
 from .rollout import Completion

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from rubric_fast.integrations.hf import unwrap_model
+from rubric_fast.trainer.lm_head import unwrap_model
 
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
