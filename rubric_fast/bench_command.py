@@ -630,7 +630,15 @@ def _rerender(args) -> int:
 
 
 def _measure(args) -> int:
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device: got {args.device!r}; accepted: cuda, cuda:N, cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here (torch "
+                         f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device: got {args.device!r}; accepted: cuda, cuda:N, cpu")
     gpu = dev.type == "cuda"
     cases, providers = _select(args, gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

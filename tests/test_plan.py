@@ -97,3 +97,15 @@ def test_bench_plan_command_needs_no_gpu(capsys):
     assert main(["--plan", "4096,1,2"]) == 0  # any shape, even a silly one
     assert main(["--plan", "1,2"]) == 2
     assert "--plan: expected N,H,V" in capsys.readouterr().err
+
+
+def test_bench_on_a_missing_device_is_one_line(capsys):
+    from rubric_fast.bench_command import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the CPU-only case is what is tested
+    assert main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: no CUDA device here" in err
+    assert main(["--device", "tpu"]) == 2
+    assert "--device: got 'tpu'" in capsys.readouterr().err
