@@ -199,7 +199,7 @@ def test_one_training_step_with_pairwise_rewards(tmp_path, monkeypatch):
 def test_http_pairwise_judge_against_an_openai_compatible_server():
     from judge_server import JudgeServer
 
-    from rubric_fast.judges.pairwise import build_pairwise_judge
+    from rubric_fast.scoring.config import build_pairwise_judge
 
     # the scripted server prefers the response with more criterion keywords ("period", "e", "words");
     # a 500 (retried by the pool) and a malformed reply (re-asked) on the way change nothing

@@ -11,24 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # the rubric package imports this module; keep the import one-way at run time
+from rubric_fast.rubric.verdict import HOLISTIC_ID, Verdict  # noqa: F401  (defined with the rubric, below the judges)
+
+if TYPE_CHECKING:
     from rubric_fast.rubric.schema import Criterion
-
-HOLISTIC_ID = "__holistic__"
-
-
-@dataclass
-class Verdict:
-    criterion_id: str
-    score: float | None          # in [0, 1]: 1 = the criterion statement holds; None = no judgement
-    reason: str = ""
-    error: str | None = None
-    cached: bool = False
-    guarded: bool = False        # decided by the guard without asking the judge
-
-    @property
-    def ok(self) -> bool:
-        return self.score is not None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A judge behind any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, SGLang, hosted APIs).
 
-Uses ``httpx.AsyncClient``; every call goes through a :class:`~rubric_fast.scoring.pool.CallPool` (per-judge
+Uses ``httpx.AsyncClient``; every call goes through a :class:`~rubric_fast.judges.pool.CallPool` (per-judge
 concurrency, rpm/tpm budgets, timeouts, retries with backoff honouring Retry-After, least-loaded routing
 over ``endpoints``). The API key is read once from the environment variable named by ``api_key_env``; it
 is never logged, never put in error messages, and not part of ``repr`` or the cache identity.
@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from rubric_fast.scoring.pool import CallPool
+from .pool import CallPool
 
 from . import prompts
 from .base import ClientError, RateLimited, ServerError, TransportError, CallTimeout

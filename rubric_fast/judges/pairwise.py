@@ -90,18 +90,3 @@ class ChatPairwiseJudge:
         close = getattr(self.chat, "aclose", None)
         if close is not None:
             await close()
-
-
-def build_pairwise_judge(judge_cfg: dict):
-    """From the trainer's ``judge`` mapping: ``rule`` -> RulePairwiseJudge, ``http`` / ``hf`` -> the chat judge
-    behind ChatPairwiseJudge. ValueError (naming the key) for a judge type without a pairwise mode."""
-    from rubric_fast.scoring.config import build_judge
-
-    kind = (judge_cfg or {}).get("type")
-    if kind == "rule":
-        return RulePairwiseJudge()
-    if kind in ("http", "hf"):
-        routed = build_judge(judge_cfg, guard=False)
-        return ChatPairwiseJudge(routed.judges["llm"])
-    raise ValueError(f"judge.type: pairwise judging (reward.pairwise.enabled) works with the rule, http and hf "
-                     f"judges; got {kind!r}")

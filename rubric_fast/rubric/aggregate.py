@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from rubric_fast.judges.base import HOLISTIC_ID, Verdict
+from .verdict import HOLISTIC_ID, Verdict
 
 from .schema import Aggregation, Rubric
 from .shaping import rubicon_score

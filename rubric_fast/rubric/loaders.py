@@ -302,7 +302,7 @@ _RECORD_KEYS = {"id", "prompt", "reference_answer", "criteria", "aggregation", "
 def criterion_from_dict(d: Any, index: int, *, src: str | None = None, line: int | None = None) -> Criterion:
     """A rubric_fast criterion; ``verifier`` may also be a rule check name (``regex``) as a shorthand for
     ``verifier: rule, verifier_params: {check: regex, ...}``."""
-    from rubric_fast.judges.rule import RULE_CHECKS
+    from .rules import RULE_CHECKS
 
     k = f"criteria[{index}]"
     if not isinstance(d, dict):

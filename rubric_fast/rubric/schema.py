@@ -90,7 +90,7 @@ class Criterion:
                 if not math.isfinite(t.score) or not 0.0 <= t.score <= 1.0:
                     raise bad("tiers", f"tier scores must lie in [0, 1], got {t.score!r}")
         if self.verifier == "rule":
-            from rubric_fast.judges.rule import validate_rule_params  # late: judges import schema
+            from .rules import validate_rule_params
 
             try:
                 validate_rule_params(self.verifier_params)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from rubric_fast.judges.guard import GuardConfig, GuardedJudge
+from rubric_fast.judges.pairwise import ChatPairwiseJudge, RulePairwiseJudge
 from rubric_fast.judges.routing import RoutingJudge
 from rubric_fast.judges.rule import RuleJudge
 
@@ -142,3 +143,16 @@ def build_service(config: Any, *, judge=None, cache=None) -> ScoringService:
 
 
 __all__ = ["JUDGE_TYPES", "VERIFIERS_BY_JUDGE", "CallPool", "build_judge", "check_judge_coverage", "build_scorer", "build_service", "scorer_config"]
+
+
+def build_pairwise_judge(judge_cfg: dict):
+    """From the trainer's ``judge`` mapping: ``rule`` -> RulePairwiseJudge, ``http`` / ``hf`` -> the chat judge
+    behind ChatPairwiseJudge. ValueError (naming the key) for a judge type without a pairwise mode."""
+    kind = (judge_cfg or {}).get("type")
+    if kind == "rule":
+        return RulePairwiseJudge()
+    if kind in ("http", "hf"):
+        routed = build_judge(judge_cfg, guard=False)
+        return ChatPairwiseJudge(routed.judges["llm"])
+    raise ValueError(f"judge.type: pairwise judging (reward.pairwise.enabled) works with the rule, http and hf "
+                     f"judges; got {kind!r}")

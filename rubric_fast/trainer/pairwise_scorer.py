@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rubric_fast.judges.guard import GuardConfig, junk_reason
-from rubric_fast.judges.pairwise import RulePairwiseJudge, build_pairwise_judge
+from rubric_fast.judges.pairwise import RulePairwiseJudge
+from rubric_fast.scoring.config import build_pairwise_judge
 from rubric_fast.rubric.pairwise import PLANS, comparison_plan, consistent_outcome, pairwise_rewards
 
 from .rewards import ScoredCompletion
