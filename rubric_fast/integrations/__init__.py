@@ -9,19 +9,21 @@
 * :mod:`rubric_fast.integrations.verl`: ``compute_score`` for verl's ``custom_reward_function`` hook.
 
 This module holds what the TRL and verl adapters share and that needs neither TRL nor verl: turning a
-dataset cell into a :class:`~rubric_fast.rubric.Rubric` (:func:`rubric_from_value`), the text of a completion
-(:func:`response_text`), and a scorer that runs on its own event-loop thread (:class:`BackgroundScorer`).
+dataset cell into a :class:`~rubric_fast.rubric.Rubric` (:func:`rubric_from_value`, with the loaders'
+HealthBench points mapping), the text of a completion (:func:`response_text`), and the scoring service
+for synchronous callers (:class:`BackgroundScorer`).
 See docs/integrations.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import threading
 from collections import OrderedDict
 from typing import Any
+
+from rubric_fast.rubric.loaders import points_item_fields
+from rubric_fast.scoring.scorer import score_all
 
 __all__ = ["BackgroundScorer", "RubricCache", "build_scorer_from", "response_text", "rubric_from_value",
            "rubric_to_record", "score_all"]
@@ -42,14 +44,12 @@ def _drop_none(x: Any) -> Any:
 
 
 def _points_item_to_criterion(it: dict, i: int) -> dict:
-    """A HealthBench / verl ``{criterion, points, tags}`` item as a rubric_fast criterion (negative points:
-    penalize-if-met pitfall), as :func:`rubric_fast.rubric.load_verl_parquet` reads them."""
+    """A HealthBench / verl ``{criterion, points, tags}`` item as a rubric_fast criterion record (the loaders'
+    own mapping, :func:`rubric_fast.rubric.loaders.points_item_fields`), keeping a rule verifier if given."""
     pts = it["points"]
     if isinstance(pts, bool) or not isinstance(pts, (int, float)):
         raise TypeError(f"criteria[{i}].points: must be a number, got {pts!r}")
-    out = {"id": str(it.get("id") or f"c{i}"), "text": it["criterion"], "weight": abs(pts),
-           "polarity": "penalize_if_met" if pts < 0 else "reward_if_met",
-           "category": "pitfall" if pts < 0 else "important"}
+    out = points_item_fields(it, i)
     if it.get("tags"):
         out["tags"] = list(it["tags"])
     for k in ("verifier", "verifier_params"):
@@ -242,55 +242,33 @@ def build_scorer_from(config: Any = None, judge: Any = None):
 
 
 class BackgroundScorer:
-    """A streaming scorer on its own event loop in a daemon thread, for synchronous callers (a sync TRL
-    reward function, verl's ``compute_score``). ``score_many`` blocks until every completion is scored or
-    failed and returns the :class:`~rubric_fast.scoring.ScoredRollout` of each."""
+    """A scoring service for synchronous callers (a sync TRL reward function, verl's ``compute_score``): the
+    trainer's own :class:`~rubric_fast.scoring.ScoringService` (its event-loop thread, guard, cache, audit).
+    ``score_many`` blocks until every completion is scored or failed and returns the
+    :class:`~rubric_fast.scoring.ScoredRollout` of each (a crash fails that item: reward None, never 0)."""
 
     def __init__(self, config: Any = None, *, judge: Any = None):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rubric-fast-scorer", daemon=True)
-        self._thread.start()
-        self.scorer = self._run(self._build(config, judge))
-        self._closed = False
+        from rubric_fast.scoring.config import build_service
 
-    async def _build(self, config, judge):
-        return build_scorer_from(config, judge)
-
-    def _run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        if config is None:
+            config = {"judge": {"type": "rule"}} if judge is None else {}
+        self.service = build_service(config, judge=judge)
+        self.scorer = self.service.scorer
 
     def score_many(self, items: list[tuple[str, Any, str]], timeout: float | None = None) -> list:
         """``items``: (rollout_id, Rubric, response) -> ScoredRollout per item, in order."""
-        if self._closed:
+        if self.service._closed:
             raise RuntimeError("BackgroundScorer is closed")
-        return self._run(score_all(self.scorer, items), timeout)
+        return self.service.score_now(items, timeout)
+
+    def metrics(self) -> dict:
+        return self.service.metrics()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._run(self.scorer.aclose(), 30)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop.close()
+        self.service.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-async def score_all(scorer, items: list[tuple[str, Any, str]]) -> list:
-    """Score every (rollout_id, Rubric, response) concurrently; a crash fails that item (reward None)."""
-    from rubric_fast.scoring import ScoredRollout
-
-    async def one(rid, rubric, response):
-        try:
-            return await scorer.score(rid, rubric, response)
-        except Exception as exc:  # noqa: BLE001 - one broken item fails itself, never the batch, never 0
-            return ScoredRollout(rid, None, [], {}, f"{type(exc).__name__}: {exc}")
-
-    return list(await asyncio.gather(*(one(*it) for it in items)))

@@ -143,7 +143,7 @@ class RubricReward(_RubricRewardBase):
         return self._finish(self._bg.score_many(items), scorer, kwargs)
 
     def metrics(self) -> dict:
-        return {} if self._bg is None else self._bg._run(_metrics(self._bg.scorer))
+        return {} if self._bg is None else self._bg.metrics()
 
     def close(self) -> None:
         if self._bg is not None:
@@ -155,10 +155,6 @@ class RubricReward(_RubricRewardBase):
 
     def __exit__(self, *exc):
         self.close()
-
-
-async def _metrics(scorer):
-    return scorer.metrics()
 
 
 class AsyncRubricReward(_RubricRewardBase):

@@ -100,6 +100,15 @@ def _tags(value: Any, *, src: str, line: int, key: str) -> list[str]:
     return list(value)
 
 
+def points_item_fields(it: dict, i: int) -> dict:
+    """The one HealthBench / verl points mapping: ``{criterion, points}`` -> criterion fields (negative points:
+    a penalize-if-met pitfall of weight |points|). Used by the loaders and the trainer adapters."""
+    pts = it["points"]
+    return {"id": str(it.get("id") or f"c{i}"), "text": it["criterion"], "weight": abs(pts),
+            "polarity": "penalize_if_met" if pts < 0 else "reward_if_met",
+            "category": "pitfall" if pts < 0 else "important"}
+
+
 def _points_criteria(items: list, *, src: str, line: int, key: str) -> list[Criterion]:
     """HealthBench / verl: [{criterion, points, tags}]; negative points mean penalize-if-met."""
     out = []
@@ -110,12 +119,8 @@ def _points_criteria(items: list, *, src: str, line: int, key: str) -> list[Crit
             raise RubricError("must be a non-empty string", source=src, line=line, key=f"{k}.criterion")
         pts = _number(_require(it, "points", src=src, line=line, prefix=k + "."), src=src, line=line,
                       key=f"{k}.points", allow_negative=True)
-        out.append(Criterion(
-            id=str(it.get("id") or f"c{i}"), text=text, weight=abs(pts), weight_raw=it["points"],
-            polarity="penalize_if_met" if pts < 0 else "reward_if_met",
-            category="pitfall" if pts < 0 else "important", kind="principle",
-            tags=_tags(it.get("tags"), src=src, line=line, key=f"{k}.tags"),
-        ))
+        out.append(Criterion(**points_item_fields({**it, "points": pts}, i), weight_raw=it["points"], kind="principle",
+                             tags=_tags(it.get("tags"), src=src, line=line, key=f"{k}.tags")))
     return out
 
 

@@ -425,3 +425,16 @@ class StreamingScorer:
         m["tokens"] = m.get("prompt_tokens", 0) + m.get("completion_tokens", 0)
         m.update(self.audit.metrics())
         return m
+
+
+async def score_all(scorer: StreamingScorer, items: list[tuple[str, Any, str]]) -> list[ScoredRollout]:
+    """Score every (rollout_id, rubric or record, response) concurrently, outside any group; a crash fails
+    that item (reward None, the error kept), never the batch, never a 0."""
+
+    async def one(rid, rubric, response):
+        try:
+            return await scorer.score(rid, rubric, response)
+        except Exception as exc:  # noqa: BLE001 - one broken item fails itself
+            return ScoredRollout(rid, None, [], {}, f"{type(exc).__name__}: {exc}")
+
+    return list(await asyncio.gather(*(one(*it) for it in items)))

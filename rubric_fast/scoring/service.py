@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from .scorer import ScoredGroup, ScorerConfig, ScoringError, StreamingScorer
+from .scorer import ScoredGroup, ScorerConfig, ScoringError, StreamingScorer, score_all
 
 
 class ScoringService:
@@ -58,9 +58,7 @@ class ScoringService:
         guard, cache, judge, aggregation and accounting as a submitted rollout); a list of ScoredRollout."""
         self._check()
 
-        async def run():
-            return await asyncio.gather(*(self.scorer.score(rid, record, response) for rid, record, response in items))
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(score_all(self.scorer, items), self._loop).result(timeout)
 
     def close_group(self, group_id) -> None:
         """No more members will be submitted for ``group_id`` (use when group sizes are not fixed)."""
