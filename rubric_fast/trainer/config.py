@@ -65,8 +65,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "tiny"          # an HF hub id / local directory, or ``tiny``
+    name_or_path: str = "tiny"          # an HF hub id / local directory, ``pkg:<package>`` (its folder), or ``tiny``
     tokenizer: str | None = None        # defaults to name_or_path; ``tiny`` uses a char-level tokenizer
+    gguf_file: str | None = None        # a .gguf in name_or_path (or ``auto``): loaded dequantized (rubric_fast/gguf.py)
+    chat_template: str | None = None    # a Jinja chat template (or a file holding one) replacing the tokenizer's
     dtype: str = "float32"              # float32 | bfloat16 | float16
     attn_implementation: str = "auto"   # auto (flash_attention_2 when flash-attn is installed, else sdpa) | sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False

@@ -3,7 +3,8 @@
 ``model.name_or_path: tiny`` builds a small Llama / Qwen2 from a config (random init, no download) and a
 character-level tokenizer (printable ASCII, built with the ``tokenizers`` library), which is what the
 embedded default run and the tests use. Anything else goes through ``AutoModelForCausalLM`` /
-``AutoTokenizer``.
+``AutoTokenizer``; ``pkg:<package>`` names an installed package's folder, and ``model.gguf_file`` loads a GGUF
+file from the folder, dequantized (tokenizer and chat template included; :mod:`rubric_fast.gguf`).
 """
 
 from __future__ import annotations
@@ -71,16 +72,89 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
+def gguf_source(cfg: ModelConfig) -> tuple[str, str] | None:
+    """(folder, file) of the GGUF policy when ``model.gguf_file`` is set (one-line ConfigError otherwise)."""
+    if not cfg.gguf_file:
+        return None
+    from rubric_fast.gguf import GGUFError, resolve_gguf_file, resolve_model_path
+
+    from .config import ConfigError
+
+    if cfg.name_or_path == "tiny":
+        raise ConfigError("model.gguf_file: set model.name_or_path to the folder holding the file (or pkg:<package>)")
+    try:
+        return resolve_gguf_file(resolve_model_path(cfg.name_or_path), cfg.gguf_file)
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def model_path(value: str, key: str = "model.name_or_path") -> str:
+    """``pkg:<package>`` resolved to the package's folder (one-line ConfigError when it is not installed)."""
+    from rubric_fast.gguf import GGUFError, resolve_model_path
+
+    from .config import ConfigError
+
+    try:
+        return resolve_model_path(value, key)
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _chat_template_text(value: str) -> str:
+    """``model.chat_template``: the template itself, or a file holding it."""
+    from .config import ConfigError
+
+    if "{" not in value:
+        p = Path(value)
+        if not p.is_file():
+            raise ConfigError(f"model.chat_template: {value!r} is neither a Jinja template nor an existing file")
+        return p.read_text(encoding="utf-8")
+    return value
+
+
 def load_tokenizer(cfg: ModelConfig, run_dir: str | Path | None = None):
     if cfg.name_or_path == "tiny" and cfg.tokenizer is None:
         return build_char_tokenizer(Path(run_dir) / "tokenizer" if run_dir is not None else None)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    src = gguf_source(cfg) if cfg.tokenizer is None else None
+    if src is not None:  # the tokenizer (and its chat template) stored in the GGUF file
+        from rubric_fast.gguf import GGUFError, load_gguf_tokenizer
+
+        from .config import ConfigError
+
+        try:
+            tok = load_gguf_tokenizer(*src, trust_remote_code=cfg.trust_remote_code)
+        except GGUFError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        tok = AutoTokenizer.from_pretrained(model_path(cfg.tokenizer or cfg.name_or_path,
+                                                       "model.tokenizer" if cfg.tokenizer else "model.name_or_path"),
+                                            trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template:
+        tok.chat_template = _chat_template_text(cfg.chat_template)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_chat_template(tokenizer, rubrics, cfg: ModelConfig) -> None:
+    """Prompts given as chat messages need the tokenizer's chat template: without one they would be flattened
+    into text the model was never trained on. A prompt that is a single user message (a plain string in the
+    dataset) is allowed without a template (it is then the text itself)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    from .config import ConfigError
+
+    for r in rubrics:
+        if len(r.prompt) > 1 or r.prompt[0]["role"] != "user":
+            roles = ", ".join(m["role"] for m in r.prompt)
+            where = r.location or f"rubric {r.id!r}"
+            name = cfg.tokenizer or cfg.name_or_path
+            raise ConfigError(f"model.chat_template: the tokenizer of {name} has no chat template, and {where} gives "
+                              f"the prompt as chat messages ({roles}); set model.chat_template (a Jinja template "
+                              "or a file holding one) or model.tokenizer to one that has a template")
 
 
 def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, *, pretrained: bool = True) -> nn.Module:
@@ -88,13 +162,34 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, *, pretrained
 
     ``pretrained=False``: the same architecture from its config only, weights left random (a skeleton to
     load a checkpoint into, e.g. for ``rubric-fast export``: no weight download)."""
+    src = gguf_source(cfg)  # first: a gguf_file with name_or_path tiny is refused
     if cfg.name_or_path == "tiny":
         model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                                  tokenizer.bos_token_id)
+    elif src is not None:  # dequantized from the GGUF file, rebuilt as a plain model
+        from rubric_fast.gguf import GGUFError, load_gguf_config, load_gguf_model
+
+        from .config import ConfigError
+
+        folder, name = src
+        attn = resolve_attn_implementation(cfg.attn_implementation)
+        try:
+            if pretrained:
+                model = load_gguf_model(folder, name, dtype=DTYPES[cfg.dtype], attn_implementation=attn,
+                                        trust_remote_code=cfg.trust_remote_code)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                hf_cfg = load_gguf_config(folder, name, trust_remote_code=cfg.trust_remote_code)
+                hf_cfg._attn_implementation = attn
+                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[cfg.dtype],
+                                                         trust_remote_code=cfg.trust_remote_code)
+        except GGUFError as exc:
+            raise ConfigError(str(exc)) from None
     elif not pretrained:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        hf_cfg = AutoConfig.from_pretrained(model_path(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
         hf_cfg._attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[cfg.dtype],
                                                  trust_remote_code=cfg.trust_remote_code)
@@ -102,7 +197,7 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, *, pretrained
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            model_path(cfg.name_or_path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
             attn_implementation=resolve_attn_implementation(cfg.attn_implementation))
     check_linear_head(model)  # refuse soft-capped / scaled heads before any compute is spent
     if cfg.gradient_checkpointing:
