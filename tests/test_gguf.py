@@ -97,6 +97,15 @@ def test_missing_sources_name_their_key(tmp_path):
         resolve_gguf_file(str(tmp_path), "auto")
 
 
+def test_the_judge_names_its_gguf_keys(tmp_path):
+    from rubric_fast.scoring import build_judge
+
+    with pytest.raises(ValueError, match=r"^judge\.model: 'pkg:nope_not_installed'"):
+        build_judge({"type": "hf", "model": "pkg:nope_not_installed"})
+    with pytest.raises(ValueError, match=r"^judge\.gguf_file: no such file"):
+        build_judge({"type": "hf", "model": str(tmp_path), "gguf_file": "missing.gguf"})
+
+
 # ------------------------------------------------------------------------------------------------ chat template
 def _rubric(prompt) -> Rubric:
     return Rubric("r1", prompt, [Criterion("c", "text")], location="data.jsonl:3")

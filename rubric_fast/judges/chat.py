@@ -13,6 +13,11 @@ Modes:
 A reply that cannot be parsed is re-asked (the bad reply and the parse error are shown to the judge) at most
 ``max_reasks`` times; then the verdict is ``None`` with the error. Transport failures are retried by the call
 pool underneath, not here.
+
+``structured=True`` (``judge.structured``): each call also carries the JSON schema of the reply it asks for
+(``prompts.reply_schema``); the http judge sends it as ``response_format`` (vLLM's structured outputs), the hf
+judge enforces it token by token (``constrained.py``). Small judges that never write the JSON unprompted then
+always answer in the format; a reply that still fails to parse (cut at ``max_tokens``) is re-asked as above.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ MODES = ("per_criterion", "batch", "holistic")
 class ChatJudge:
     name = "chat"
 
-    def __init__(self, *, mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2):
+    def __init__(self, *, mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2,
+                 structured: bool = False):
         if mode not in MODES:
             raise ValueError(f"judge mode must be one of {', '.join(MODES)}; got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.mode, self.batch_size, self.max_reasks = mode, batch_size, max_reasks
+        # every call carries its reply's JSON schema, enforced by the backend (prompts.reply_schema)
+        self.structured = bool(structured)
         self.stats: Counter = Counter()
 
     @property
@@ -44,21 +52,28 @@ class ChatJudge:
 
     @property
     def identity(self) -> str:
-        return f"{self.name}:mode={self.mode}:k={self.batch_size if self.mode == 'batch' else 1}"
+        return f"{self.name}:mode={self.mode}:k={self.batch_size if self.mode == 'batch' else 1}{self.structured_tag}"
 
-    async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None) -> str:
+    @property
+    def structured_tag(self) -> str:
+        """Part of the cache identity: structured replies may differ from free ones."""
+        return ":structured" if self.structured else ""
+
+    async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None,
+                        schema: dict[str, Any] | None = None) -> str:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ asking
     async def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], Any], *,
-                   deadline: float | None) -> tuple[Any, str | None]:
+                   deadline: float | None, schema: dict[str, Any] | None = None) -> tuple[Any, str | None]:
         msgs = list(messages)
+        extra = {"schema": schema} if self.structured and schema is not None else {}
         last = "no attempt"
         for attempt in range(self.max_reasks + 1):
             if attempt:
                 self.stats["reasks"] += 1
             try:
-                text = await self._complete(msgs, deadline=deadline)
+                text = await self._complete(msgs, deadline=deadline, **extra)
             except JudgeCallError as exc:
                 self.stats[f"call_{exc.kind}"] += 1
                 return None, f"{exc.kind}: {exc}"
@@ -76,13 +91,15 @@ class ChatJudge:
     async def _one(self, req: JudgeRequest, response: str, c) -> Verdict:
         if c.tiers:  # ordinal criterion: the verdict's score is the chosen tier's score
             msgs = prompts.tier_messages(req.prompt, response, c, req.reference_answer)
-            res, err = await self._ask(msgs, lambda t: prompts.parse_tier(t, len(c.tiers)), deadline=req.deadline_s)
+            res, err = await self._ask(msgs, lambda t: prompts.parse_tier(t, len(c.tiers)), deadline=req.deadline_s,
+                                       schema=prompts.reply_schema("tier", n_tiers=len(c.tiers)))
             if res is None:
                 return Verdict(c.id, None, "", err)
             tier, why = res
             return Verdict(c.id, float(c.tiers[tier].score), why)
         msgs = prompts.per_criterion_messages(req.prompt, response, c, req.reference_answer)
-        res, err = await self._ask(msgs, prompts.parse_per_criterion, deadline=req.deadline_s)
+        res, err = await self._ask(msgs, prompts.parse_per_criterion, deadline=req.deadline_s,
+                                   schema=prompts.reply_schema("verdict"))
         if res is None:
             return Verdict(c.id, None, "", err)
         met, why = res
@@ -91,7 +108,8 @@ class ChatJudge:
     async def _batch(self, req: JudgeRequest, response: str, chunk: list) -> list[Verdict]:
         ids = [c.id for c in chunk]
         msgs = prompts.batch_messages(req.prompt, response, chunk, req.reference_answer)
-        res, err = await self._ask(msgs, lambda t: prompts.parse_batch(t, ids), deadline=req.deadline_s)
+        res, err = await self._ask(msgs, lambda t: prompts.parse_batch(t, ids), deadline=req.deadline_s,
+                                   schema=prompts.reply_schema("batch", ids=ids))
         if res is None and err is not None and not err.startswith("parse"):
             return [Verdict(i, None, "", err) for i in ids]  # the transport failed: don't hammer it per criterion
         res = res or {}
@@ -111,7 +129,8 @@ class ChatJudge:
 
     async def _holistic(self, req: JudgeRequest, response: str) -> Verdict:
         msgs = prompts.holistic_messages(req.prompt, response, req.criteria, req.reference_answer)
-        res, err = await self._ask(msgs, prompts.parse_holistic, deadline=req.deadline_s)
+        res, err = await self._ask(msgs, prompts.parse_holistic, deadline=req.deadline_s,
+                                   schema=prompts.reply_schema("holistic"))
         if res is None:
             return Verdict(HOLISTIC_ID, None, "", err)
         rating, why = res

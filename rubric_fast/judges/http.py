@@ -41,11 +41,12 @@ class HttpJudge(ChatJudge):
 
     def __init__(self, model: str, endpoints: list[str] | str, *, api_key_env: str | None = None,
                  mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2, max_tokens: int = 512,
+                 structured: bool = False,
                  temperature: float = 0.0, extra_body: dict[str, Any] | None = None,
                  pool: CallPool | None = None, concurrency: int = 32, rpm: float | None = None,
                  tpm: float | None = None, timeout_s: float = 60.0, retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
-        super().__init__(mode=mode, batch_size=batch_size, max_reasks=max_reasks)
+        super().__init__(mode=mode, batch_size=batch_size, max_reasks=max_reasks, structured=structured)
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         if not endpoints:
@@ -73,7 +74,7 @@ class HttpJudge(ChatJudge):
     @property
     def identity(self) -> str:
         return f"http:{self.model}:mode={self.mode}:k={self.batch_size if self.mode == 'batch' else 1}" \
-               f":t={self.temperature:g}:{prompts.TEMPLATE_VERSION}"
+               f":t={self.temperature:g}:{prompts.TEMPLATE_VERSION}{self.structured_tag}"
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -87,9 +88,13 @@ class HttpJudge(ChatJudge):
             await self._client.aclose()
             self._client = None
 
-    async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None) -> str:
+    async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None,
+                        schema: dict[str, Any] | None = None) -> str:
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}
+        if schema is not None and "response_format" not in body:  # structured outputs (vLLM, OpenAI)
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "rubric_fast_reply", "schema": schema}}
         estimate = sum(len(m["content"]) for m in messages) // 4 + self.max_tokens
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         client = self._http()

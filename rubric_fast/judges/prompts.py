@@ -142,6 +142,34 @@ def parse_pairwise(text: str) -> tuple[str, str]:
     return ("tie" if w.lower() == "tie" else w.upper()), expl
 
 
+EXPLANATION_MAX_CHARS = 400
+
+
+def reply_schema(kind: str, *, n_tiers: int = 0, ids: list[str] | None = None) -> dict[str, Any]:
+    """The JSON schema of the reply each prompt asks for (``judge.structured``: sent as ``response_format`` to
+    an OpenAI-compatible server, enforced token by token by the hf judge, rubric_fast.judges.constrained).
+    Keys are in the order the prompts ask for them: explanation first."""
+    expl = {"type": "string", "maxLength": EXPLANATION_MAX_CHARS}
+
+    def obj(props: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+    if kind == "verdict":
+        return obj({"explanation": expl, "criteria_met": {"type": "boolean"}})
+    if kind == "tier":
+        return obj({"explanation": expl, "tier": {"type": "integer", "minimum": 0, "maximum": max(0, n_tiers - 1)}})
+    if kind == "batch":
+        ids = list(ids or [])
+        item = obj({"criterion_id": {"type": "string", "enum": ids}, "explanation": expl,
+                    "criteria_met": {"type": "boolean"}})
+        return {"type": "array", "items": item, "minItems": len(ids), "maxItems": len(ids)}
+    if kind == "holistic":
+        return obj({"explanation": expl, "rating": {"type": "integer", "minimum": 1, "maximum": 10}})
+    if kind == "pairwise":
+        return obj({"explanation": expl, "winner": {"type": "string", "enum": ["A", "B", "tie"]}})
+    raise ValueError(f"reply_schema: unknown kind {kind!r}")
+
+
 REASK = ("Your previous reply could not be used: {error}. Reply again with only the JSON in the requested "
          "format, nothing else.")
 

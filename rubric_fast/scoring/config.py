@@ -19,9 +19,9 @@ _POOL_KEYS = {"concurrency", "rpm", "tpm", "timeout_s", "retries", "backoff_base
 _JUDGE_KEYS = {
     "rule": set(),
     "http": {"model", "endpoints", "api_key_env", "mode", "batch_size", "max_reasks", "max_tokens", "temperature",
-             "extra_body"} | _POOL_KEYS,
+             "extra_body", "structured"} | _POOL_KEYS,
     "hf": {"model", "mode", "batch_size", "criteria_per_call", "max_new_tokens", "max_input_tokens", "device",
-           "dtype", "batch_wait_s", "timeout_s", "max_reasks"},
+           "dtype", "batch_wait_s", "timeout_s", "max_reasks", "structured", "gguf_file"},
     "embedding": {"model_path", "threshold", "low", "high", "device", "max_length"},
 }
 _COMMON_KEYS = {"type", "guard"}
@@ -86,6 +86,12 @@ def build_judge(config: dict[str, Any], *, guard: bool | None = None):
 
         if not kw.get("model"):
             raise ValueError("judge.model: required for an hf judge (a Hugging Face name or a local path)")
+        if isinstance(kw["model"], str):  # a missing package or GGUF file: one line now, not a failed call later
+            from rubric_fast.gguf import resolve_gguf_file, resolve_model_path
+
+            folder = resolve_model_path(kw["model"], key="judge.model")
+            if kw.get("gguf_file"):
+                resolve_gguf_file(folder, kw["gguf_file"], key="judge.gguf_file")
         if "timeout_s" in kw:
             kw["call_timeout_s"] = kw.pop("timeout_s")
         judge = RoutingJudge({"llm": HFJudge(**kw), "rule": rule})

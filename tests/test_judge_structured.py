@@ -1,0 +1,120 @@
+"""judge.structured: every call carries its reply's JSON schema; the http judge sends it as response_format,
+the hf judge enforces it while decoding (rubric_fast.judges.constrained).
+
+The oracle for the hf path is the strict parser of the free path: a random tiny model never writes the JSON
+on its own (test_judge_hf_embedding.py asserts every verdict fails), and with the constraint every reply must
+parse, in every mode, with the explanation within its token cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from judge_server import JudgeServer  # noqa: E402
+from test_judge_hf_embedding import _tiny_model  # noqa: E402
+
+from rubric_fast.judges import HOLISTIC_ID, JudgeRequest  # noqa: E402
+from rubric_fast.judges import prompts  # noqa: E402
+from rubric_fast.judges.constrained import CHOICE, LIT, STR, template_from_schema  # noqa: E402
+from rubric_fast.judges.hf import HFJudge  # noqa: E402
+from rubric_fast.judges.http import HttpJudge  # noqa: E402
+from rubric_fast.judges.pairwise import ChatPairwiseJudge  # noqa: E402
+from rubric_fast.rubric import Criterion  # noqa: E402
+from rubric_fast.rubric.schema import Rubric, Tier  # noqa: E402
+
+CRIT = [Criterion(f"c{i}", f"Mentions {w}.") for i, w in enumerate(["apple", "pear", "plum"])]
+TIERED = Criterion("t", "How complete is it?", tiers=[Tier(0.0, "absent"), Tier(0.5, "partial"), Tier(1.0, "full")])
+
+
+def test_templates_follow_the_schemas():
+    t = template_from_schema(prompts.reply_schema("verdict"))
+    assert [(p.kind, p.text, p.options) for p in t] == [
+        (LIT, '{"explanation": "', []), (STR, "", []), (LIT, '", "criteria_met": ', []),
+        (CHOICE, "", ["true}", "false}"])]
+    rating = template_from_schema(prompts.reply_schema("holistic"))[-1]
+    assert rating.options == [f"{i}}}" for i in range(1, 11)]  # "1}" is no prefix of "10}"
+    batch = template_from_schema(prompts.reply_schema("batch", ids=["a", "b"]))
+    assert batch[0].text == '[{"criterion_id": ' and batch[1].options == ['"a", "explanation": "', '"b", "explanation": "']
+    assert sum(p.kind == STR for p in batch) == 2 and batch[-1].options == ["true}]", "false}]"]
+    assert template_from_schema(prompts.reply_schema("pairwise"))[-1].options == ['"A"}', '"B"}', '"tie"}']
+    with pytest.raises(ValueError, match="minItems == maxItems"):
+        template_from_schema({"type": "array", "items": {"type": "boolean"}})
+
+
+def _grade_all(judge, requests):
+    async def go():
+        try:
+            return await asyncio.gather(*(judge.grade(r) for r in requests))
+        finally:
+            await judge.aclose()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["per_criterion", "batch", "holistic"])
+def test_a_random_model_answers_in_format_when_structured(mode):
+    model, tok = _tiny_model()
+    judge = HFJudge(model, tok, batch_size=4, max_new_tokens=240 if mode == "batch" else 64, max_input_tokens=512,
+                    batch_wait_s=0.05,
+                    max_reasks=0, mode=mode, criteria_per_call=3, structured=True)
+    reqs = [JudgeRequest(str(i), [{"role": "user", "content": "q"}], f"answer {i}", CRIT + [TIERED]) for i in range(2)]
+    res = _grade_all(judge, reqs)
+    verdicts = [v for vs in res for v in vs]
+    assert verdicts and all(v.error is None and v.score is not None for v in verdicts), verdicts
+    assert judge.stats["parse_failures"] == 0 and judge.stats["reasks"] == 0
+    if mode == "holistic":
+        assert all(v.criterion_id == HOLISTIC_ID and 1 <= v.score <= 10 for v in verdicts)
+    else:
+        assert {v.criterion_id for v in res[0]} == {"c0", "c1", "c2", "t"}
+        assert all(v.score in (0.0, 1.0) for v in verdicts if v.criterion_id != "t")
+        assert all(v.score in (0.0, 0.5, 1.0) for v in verdicts if v.criterion_id == "t")
+    assert judge.identity.endswith(":structured")
+
+
+def test_structured_pairwise_with_a_random_model():
+    model, tok = _tiny_model()
+    chat = HFJudge(model, tok, max_new_tokens=40, max_input_tokens=512, max_reasks=0, structured=True)
+    pj = ChatPairwiseJudge(chat)
+    rubric = Rubric("r", [{"role": "user", "content": "q"}], CRIT)
+
+    async def go():
+        try:
+            return await pj.compare(rubric, "apple", "pear")
+        finally:
+            await pj.aclose()
+    v = asyncio.run(go())
+    assert v.error is None and v.winner in ("A", "B", "tie")
+
+
+def test_http_sends_the_reply_schema_as_response_format():
+    with JudgeServer() as s:
+        j = HttpJudge("m", [s.url], structured=True, timeout_s=2.0, backoff_base_s=0.01)
+        vs = _grade_all(j, [JudgeRequest("r", [{"role": "user", "content": "fruit?"}], "I like apple.", CRIT[:1])])[0]
+        assert vs[0].score == 1.0
+        rf = s.bodies[0]["response_format"]
+        assert rf["type"] == "json_schema" and rf["json_schema"]["schema"] == prompts.reply_schema("verdict")
+        j2 = HttpJudge("m", [s.url], timeout_s=2.0)  # off by default: nothing added
+        _grade_all(j2, [JudgeRequest("r", [{"role": "user", "content": "fruit?"}], "apple", CRIT[:1])])
+        assert "response_format" not in s.bodies[-1]
+        assert j.identity != j2.identity  # structured verdicts are cached apart
+
+
+def test_structured_replies_fit_max_new_tokens():
+    """The explanation's cap leaves room for the rest of the template: a reply is never cut mid-JSON (this
+    byte-level tokenizer spends 42 tokens on the fixed part of a verdict), and a budget that cannot hold the
+    fixed part is an error naming the key, not a stream of parse failures."""
+    model, tok = _tiny_model()
+    msgs = [prompts.per_criterion_messages([{"role": "user", "content": "q"}], "a", CRIT[0], None)]
+    for n in (44, 60):
+        judge = HFJudge(model, tok, max_new_tokens=n, max_input_tokens=256, max_reasks=0, structured=True)
+        obj = json.loads(judge._generate(msgs, [prompts.reply_schema("verdict")])[0])
+        assert list(obj) == ["explanation", "criteria_met"] and isinstance(obj["criteria_met"], bool)
+        assert len(obj["explanation"]) <= n - 42
+    judge = HFJudge(model, tok, max_new_tokens=30, max_input_tokens=256, max_reasks=0, structured=True)
+    res = _grade_all(judge, [JudgeRequest("x", [{"role": "user", "content": "q"}], "a", CRIT[:1])])
+    assert res[0][0].score is None and "judge.max_new_tokens: 30 is too small" in res[0][0].error
