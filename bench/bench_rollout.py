@@ -2,7 +2,7 @@
 
     python bench/bench_rollout.py memory     # peak memory: generate(output_scores) vs the step-by-step recorder
     python bench/bench_rollout.py speed      # rollout tokens/s, hf engine vs vllm engine (needs vllm importable)
-    python bench/bench_rollout.py speed --engines hf --device cuda --model qwen2-0.5b
+    .venv-vllm/bin/python bench/bench_rollout.py speed --models tiny,small   # in the CPU vLLM environment
 
 ``memory``: one ``generate`` of B completions of T tokens over a V-token vocabulary, two ways:
 
@@ -15,10 +15,12 @@ On the CPU each variant runs in a fresh subprocess and the figure is the growth 
 setup (model built, one warm-up generate of 1 token); on CUDA ``torch.cuda.max_memory_allocated`` over the
 call minus what was allocated before it.
 
-``speed``: the trainer's own engines on the same prompts (the embedded task's, G completions each),
-``rollout.max_new_tokens`` new tokens at most, timed after one warm-up call; tokens/s counts generated tokens
-(EOS included). The vllm engine runs colocated (an in-process ``vllm.LLM``) with the weights pushed from
-the policy before the timed call, as in training. Benchmarks measure; they assert nothing.
+``speed``: the trainer's own engines on the same prompts (the embedded task's, G completions each), with
+``--new-tokens`` new tokens at most, median of ``--iters`` calls after one warm-up; tokens/s counts generated
+tokens (EOS included). Models: the trainer's tiny Llama built from a config (char vocabulary, random weights),
+``tiny`` (64 wide, 2 layers) and ``small`` (256 wide, 4 layers), both with head_dim 64. The vllm engine
+runs colocated (an in-process ``vllm.LLM``) with the policy's weights pushed, as in training.
+Benchmarks measure; they assert nothing.
 """
 
 from __future__ import annotations
@@ -116,6 +118,78 @@ def memory(args) -> list[dict]:
     return rows
 
 
+SPEED_MODELS = {  # char vocabulary (the trainer's tiny tokenizer); head_dim 64 (vLLM's CPU kernels need >= 32)
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 1, "intermediate_size": 128},
+    "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688},
+}
+
+
+def _speed_worker(args) -> dict:
+    from rubric_fast.rubric import load_rubrics
+    from rubric_fast.trainer.config import DEFAULT_DATASET, ModelConfig, RolloutConfig, TinyModelConfig
+    from rubric_fast.trainer.loop import encode_prompt
+    from rubric_fast.trainer.models import build_char_tokenizer, load_policy
+    from rubric_fast.trainer.rollout import HFRolloutEngine
+
+    device = torch.device(args.device)
+    engine_name, model_name = args.worker.split(":")
+    if device.type == "cpu" and engine_name == "hf" and args.threads > 0:
+        torch.set_num_threads(args.threads)  # the trainer's cpu_threads (1 in the embedded default)
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    mc = ModelConfig(tiny=TinyModelConfig(**SPEED_MODELS[model_name]))
+    policy = load_policy(mc, tok, device).eval()
+    rubrics = load_rubrics(DEFAULT_DATASET)
+    prompts = [encode_prompt(tok, rubrics[i % len(rubrics)].prompt)
+               for i in range(args.prompts) for _ in range(args.generations)]
+    if engine_name == "hf":
+        eng = HFRolloutEngine(policy, tok, max_new_tokens=args.new_tokens, temperature=1.0, batch_size=len(prompts))
+    else:
+        import tempfile
+
+        from rubric_fast.trainer.vllm_engine import VLLMColocatedEngine
+
+        rc = RolloutConfig(max_new_tokens=args.new_tokens, temperature=1.0, batch_size=len(prompts))
+        rc.vllm.kv_cache_gb = args.kv_cache_gb
+        rc.vllm.max_model_len = 512
+        eng = VLLMColocatedEngine(policy, tok, rc, mc, work_dir=tempfile.mkdtemp(prefix="bench_vllm_"),
+                                  device=device)
+    list(eng.generate(prompts))  # warm-up: the same batch shape as the timed calls
+    times, n_tok = [], 0
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        comps = [c for b in eng.generate(prompts) for c in b]
+        times.append(time.perf_counter() - t0)
+        n_tok = sum(len(c.token_ids) for c in comps)
+    t = sorted(times)[len(times) // 2]
+    return {"engine": engine_name, "model": model_name, "device": device.type, "sequences": len(prompts),
+            "generated_tokens": n_tok, "seconds": t, "tokens_per_s": n_tok / t}
+
+
+def speed(args) -> list[dict]:
+    """Each (engine, model) in a fresh subprocess: vLLM's CPU worker binds this process's OpenMP threads."""
+    rows = []
+    print(f"{'engine':<7} {'model':<6} {'device':<6} {'seqs':>5} {'tokens':>7} {'s':>8} {'tokens/s':>10}")
+    for model_name in args.models.split(","):
+        for engine_name in args.engines.split(","):
+            cmd = [sys.executable, __file__, "speed", "--worker", f"{engine_name}:{model_name}", "--device",
+                   args.device, "--prompts", str(args.prompts), "--generations", str(args.generations),
+                   "--new-tokens", str(args.new_tokens), "--iters", str(args.iters), "--kv-cache-gb",
+                   str(args.kv_cache_gb), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{engine_name} {model_name}: failed (rc={proc.returncode})\n{proc.stderr[-2000:]}",
+                      file=sys.stderr)
+                continue
+            r = json.loads(line[-1][7:])
+            rows.append(r)
+            print(f"{r['engine']:<7} {r['model']:<6} {r['device']:<6} {r['sequences']:>5} {r['generated_tokens']:>7} "
+                  f"{r['seconds']:>8.3f} {r['tokens_per_s']:>10.0f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -127,8 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--prompt-len", type=int, default=32)
     m.add_argument("--worker", choices=("scores", "recorder"), help=argparse.SUPPRESS)
     m.add_argument("--json", default=None)
+    sp = sub.add_parser("speed", help="rollout tokens/s of the hf and vllm engines on the same prompts")
+    sp.add_argument("--engines", default="hf,vllm")
+    sp.add_argument("--models", default="tiny,small", help=f"comma-separated: {', '.join(SPEED_MODELS)}")
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sp.add_argument("--prompts", type=int, default=8)
+    sp.add_argument("--generations", type=int, default=8)
+    sp.add_argument("--new-tokens", type=int, default=64)
+    sp.add_argument("--iters", type=int, default=3)
+    sp.add_argument("--kv-cache-gb", type=float, default=0.25)
+    sp.add_argument("--threads", type=int, default=1, help="hf engine on the CPU: torch threads (0: torch's default)")
+    sp.add_argument("--json", default=None)
+    sp.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.what == "memory":
+    if args.what == "speed" and args.worker:
+        print("RESULT " + json.dumps(_speed_worker(args)), flush=True)
+        return 0
+    if args.what == "speed":
+        rows = speed(args)
+    elif args.what == "memory":
         if args.worker:
             print("RESULT " + json.dumps(_memory_worker(args)), flush=True)
             return 0

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 try:
     import vllm  # noqa: F401
-except Exception as exc:  # noqa: BLE001 - any import failure means: no usable vLLM here
+except Exception as exc:
     if os.environ.get("RUBRIC_FAST_REQUIRE_VLLM") == "1":
         raise RuntimeError(f"RUBRIC_FAST_REQUIRE_VLLM=1 but vllm is not importable: {exc}") from exc
     pytest.skip(f"vllm not importable ({type(exc).__name__}); bash scripts/test_vllm.sh runs these",
@@ -153,6 +152,16 @@ def test_colocated_push_merges_lora(tmp_path):
         eng.close()
 
 
+def test_colocated_refuses_a_head_dim_the_cpu_kernels_cannot_run(tmp_path):
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    mc = ModelConfig(tiny=TinyModelConfig(hidden_size=64, num_heads=4))  # the embedded default: head_dim 16
+    policy = load_policy(mc, tok, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^rollout.engine: vllm on the CPU needs a head dimension >= 32; the "
+                                          r"policy's is 16 \(for the tiny model: model.tiny.num_heads=1"):
+        VLLMColocatedEngine(policy, tok, _rollout_cfg(), mc, work_dir=tmp_path)
+
+
 def test_exported_folder_loads_in_vllm(tmp_path):
     from vllm import LLM, SamplingParams
 
@@ -191,7 +200,7 @@ def server(tmp_path_factory):
            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "256",
            "--compilation-config", '{"mode": 0}',
            "--worker-extension-cls", "rubric_fast.trainer.vllm_worker.RubricFastWorkerExtension"]
-    log = open(d / "server.log", "w")
+    log = open(d / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime, closed below
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

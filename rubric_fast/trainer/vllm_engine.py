@@ -135,6 +135,11 @@ class VLLMColocatedEngine:
         self.eos_id = tokenizer.eos_token_id
         on_cuda = device is not None and device.type == "cuda"
         self.sleeps = on_cuda and v.sleep in ("auto", True)
+        hf_cfg = unwrap_model(policy).config
+        head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+        if not on_cuda and head_dim < 32:
+            raise ConfigError(f"rollout.engine: vllm on the CPU needs a head dimension >= 32; the policy's is {head_dim} "
+                              "(for the tiny model: model.tiny.num_heads=1, or a larger model.tiny.hidden_size)")
         model_dir = _write_model_dir(policy, tokenizer, Path(work_dir))
         kwargs: dict[str, Any] = {
             "model": str(model_dir), "tokenizer": str(model_dir), "dtype": model_cfg.dtype, "seed": seed,
