@@ -29,7 +29,12 @@ except Exception as exc:
 from rubric_fast.trainer.config import ConfigError, ModelConfig, RolloutConfig, TinyModelConfig
 from rubric_fast.trainer.export import export_policy
 from rubric_fast.trainer.models import build_char_tokenizer, load_policy
-from rubric_fast.trainer.vllm_engine import VLLMColocatedEngine, VLLMServerEngine, WeightSyncError
+from rubric_fast.trainer.vllm_engine import (
+    EngineError,
+    VLLMColocatedEngine,
+    VLLMServerEngine,
+    WeightSyncError,
+)
 
 # head_dim 64: the CPU attention kernels need head_dim >= 32
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128)
@@ -278,6 +283,12 @@ def test_server_bad_input_is_one_line_naming_the_endpoint(server, tmp_path):
     # the server is unharmed by the refused attempts
     eng = VLLMServerEngine(policy, tok, _server_cfg(url), sync_dir=tmp_path / "s2")
     _check(eng, policy, tok, 0.7)
+    # a server gone mid-run: generation fails with one line naming it (the loop stops the run on EngineError)
+    eng.endpoints.append(dead)
+    eng.models[dead] = eng.models[url]
+    with pytest.raises(EngineError) as e:
+        list(eng.generate([tok("hi", add_special_tokens=False)["input_ids"]] * 4))
+    assert str(e.value).startswith(f"rollout.vllm.endpoints: {dead}/v1/completions: generating: ConnectError")
     eng.close()
 
 

@@ -78,7 +78,7 @@ from .dist import (
     sync_gradients,
 )
 from .interrupt import SIGNALS, Interrupted
-from .models import ReferencePolicy, load_policy, load_tokenizer
+from .models import ReferencePolicy, check_chat_template, load_policy, load_tokenizer
 from .pairwise_scorer import make_pairwise_scorer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
@@ -343,12 +343,14 @@ def push_weights(engine, policy: nn.Module) -> None:
     rollouts would silently come from stale weights. A no-op for the hf engine, which samples the policy itself."""
     if not hasattr(engine, "after_update"):
         return
-    from .vllm_engine import WeightSyncError
+    from .vllm_engine import EngineError
 
+    t0 = time.perf_counter()
     try:
         engine.after_update(policy)
-    except WeightSyncError as exc:
+    except EngineError as exc:
         raise TrainingStopped(str(exc)) from None
+    engine.push_seconds = time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -410,6 +412,13 @@ def load_data(cfg: TrainConfig) -> list[Rubric]:
         raise ConfigError(f"data.path: {path} is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"data.path: cannot read {path}: {exc.strerror or exc}") from None
+    if cfg.data.split is not None:  # e.g. train, leaving the held_out prompts to the evaluation
+        from .evaluate import select_split
+
+        try:
+            rubrics = select_split(rubrics, cfg.data.split, key="data.split", path=path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         check_judge_coverage(rubrics, cfg.judge)
     except ValueError as exc:
@@ -501,6 +510,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
 
     # ---- model, reference, optimizer
     tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)
+    check_chat_template(tokenizer, rubrics, cfg.model)  # message prompts need the tokenizer's chat template
     policy = load_policy(cfg.model, tokenizer, device)
     a = cfg.algorithm
     broadcast_parameters(policy)  # rank 0's initial weights everywhere (before any sharding)
@@ -525,12 +535,12 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
     # ---- data, rollout engine, scorer
     stream = PromptStream(rubrics, seed=cfg.seed, shuffle=cfg.data.shuffle)
     if cfg.rollout.engine == "vllm":  # vllm_engine.py: a colocated vllm.LLM or vllm serve endpoints
-        from .vllm_engine import WeightSyncError, make_vllm_engine
+        from .vllm_engine import EngineError, make_vllm_engine
 
         try:
             engine = make_vllm_engine(policy, tokenizer, cfg, run_dir=run_dir, rank=info.rank, is_main=info.is_main,
                                       device=device)
-        except WeightSyncError as exc:
+        except EngineError as exc:
             raise TrainingStopped(str(exc)) from None
         closers.append(engine)
     else:
@@ -546,6 +556,15 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         raise ConfigError(f"judge / scoring: {exc}") from None
     closers.append(scorer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    evaluator = None
+    if cfg.eval.every:  # held-out evaluation at the start, every eval.every steps and at the end (evaluate.py)
+        from .evaluate import TrainEvaluator, eval_line
+
+        if strategy == "fsdp2":
+            raise ConfigError("eval.every: not with distributed.strategy=fsdp2 (the evaluation generates with the "
+                              "unsharded policy on each rank); use ddp or eval.every=0")
+        evaluator = TrainEvaluator(cfg, policy=policy, tokenizer=tokenizer, scorer=scorer, device=device,
+                                   rank=info.rank, world_size=info.world_size)
 
     # ---- resume
     step, policy_version, consecutive_nan = 0, 0, 0
@@ -666,6 +685,10 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
     depth = 2 if cfg.rollout.overlap else 1
     t_run = time.perf_counter()
     log.log_config(config_to_dict(cfg))  # only now: the data, the judge and the checkpoint were all accepted
+    if evaluator is not None and step == 0:  # the starting policy, on the held-out prompts
+        eval_metrics, eval_res = evaluator.run(0)
+        say(eval_line(0, eval_res))
+        log.log(0, eval_metrics)
 
     def checkpoint() -> Path:
         # batches generated ahead (overlap) are saved as they are and re-scored on resume (the judge cache
@@ -697,7 +720,14 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             SIGNALS.step_hint = f"step {step + 1}/{cfg.max_steps}"
             # ---- 1. rollout (step k+1 is generated while step k is scored)
             while len(pending) < depth and next_rollout_step < cfg.max_steps:
-                pending.append(rollout(next_rollout_step))
+                try:
+                    pending.append(rollout(next_rollout_step))
+                except RuntimeError as exc:  # a vllm server gone mid-run: one line naming it, exit 1
+                    from .vllm_engine import EngineError
+
+                    if not isinstance(exc, EngineError):
+                        raise
+                    raise TrainingStopped(str(exc)) from None
                 next_rollout_step += 1
             batch = pending.popleft()
 
@@ -806,10 +836,17 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             rewards_history.append(mean_reward)
 
             # ---- 5. log, checkpoint
+            eval_metrics = {}
+            if evaluator is not None and evaluator.due(step):
+                eval_metrics, eval_res = evaluator.run(step)
+                say(eval_line(step, eval_res))
+                metrics.update(eval_metrics)
             if step % cfg.logging.every == 0 or step == cfg.max_steps:
                 metrics.update(step_metrics(batch, mean_reward, upd, update_time, score_wait, stale, counters,
                                             policy_version, staleness, scheduler))
                 metrics.update(scorer.metrics())
+                if hasattr(engine, "push_seconds"):  # vllm: the last weight push
+                    metrics["time/weight_push"] = engine.push_seconds
                 if cal.enabled:
                     metrics.update(calibration.step_metrics([s.extras["calibration"] for s in batch.samples]))
                 metrics.update(multiturn.step_metrics([s.completion for s in batch.samples]))
@@ -819,6 +856,8 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
                     metrics["ref_updates"] = float(counters.get("ref_updates", 0))
                 metrics["time/elapsed"] = time.perf_counter() - t_run
                 log.log(step, metrics)
+            elif eval_metrics:
+                log.log(step, eval_metrics)
             if cfg.logging.samples_every and step % cfg.logging.samples_every == 0:
                 log.log_samples(step, [sample_row(tokenizer, s) for s in batch.samples[:cfg.logging.num_samples]])
             saved = None

@@ -66,7 +66,11 @@ from .rollout import Completion
 from .weights import inference_weights
 
 
-class WeightSyncError(RuntimeError):
+class EngineError(RuntimeError):
+    """The vLLM engine cannot go on (a server gone, a failed push); the message names the key or endpoint."""
+
+
+class WeightSyncError(EngineError):
     """Pushing the policy's weights to vLLM failed; generating on would sample from stale weights."""
 
 
@@ -234,7 +238,7 @@ class VLLMServerEngine:
     """Generation through running ``vllm serve`` processes; weights pushed through storage + dev routes."""
 
     def __init__(self, policy: nn.Module, tokenizer, rollout_cfg, *, sync_dir: Path, is_main: bool = True,
-                 check: bool = True):
+                 check: bool = True, device: torch.device | str = "cpu"):
         import httpx
 
         v = rollout_cfg.vllm
@@ -247,6 +251,7 @@ class VLLMServerEngine:
         self.eos_id = tokenizer.eos_token_id
         self.sync_dir = Path(sync_dir)
         self.is_main = is_main
+        self.device = device  # of the rank's collectives (the push outcome is shared over ranks)
         self.timeout = v.timeout_s
         self.client = httpx.Client(timeout=httpx.Timeout(v.timeout_s, connect=10.0))
         self.version = 0
@@ -339,7 +344,7 @@ class VLLMServerEngine:
         try:
             data = self._request("POST", f"{u}/v1/completions", "generating", json=body)
         except WeightSyncError as exc:
-            raise RuntimeError(str(exc)) from None
+            raise EngineError(str(exc)) from None
         choices = sorted(data["choices"], key=lambda ch: ch["index"])
         out = []
         for p, ch in zip(prompts, choices):
@@ -367,9 +372,24 @@ class VLLMServerEngine:
 
     def push(self, policy: nn.Module) -> None:
         """Every rank iterates the weights (fsdp2 gathers are collectives); rank 0 writes and tells the servers."""
+        from .dist import global_max
+
+        failure = None
+        try:
+            self._push(policy)
+        except WeightSyncError as exc:
+            failure = exc
+        # every rank learns the outcome (ranks other than 0 would otherwise generate from stale weights)
+        if global_max(int(failure is not None), self.device):
+            raise failure or WeightSyncError("rollout.vllm: rank 0 failed to push the weights (see its message)")
+
+    def _push(self, policy: nn.Module) -> None:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
+        sharded = any(hasattr(p, "full_tensor") for p in policy.parameters())
+        if not self.is_main and not sharded:
+            return  # ddp: rank 0 has the whole model; only fsdp2 gathers need every rank
         tensors = {}
         for name, t in inference_weights(policy):
             if self.is_main:
@@ -414,6 +434,6 @@ def make_vllm_engine(policy: nn.Module, tokenizer, cfg, *, run_dir: Path, rank: 
     if r.vllm.mode == "server":
         # the server mode needs no vllm in this process: only HTTP
         sync = Path(r.vllm.sync_dir) if r.vllm.sync_dir else Path(run_dir) / "vllm_weights"
-        return VLLMServerEngine(policy, tokenizer, r, sync_dir=sync, is_main=is_main)
+        return VLLMServerEngine(policy, tokenizer, r, sync_dir=sync, is_main=is_main, device=device or "cpu")
     return VLLMColocatedEngine(policy, tokenizer, r, cfg.model, work_dir=Path(run_dir) / f"vllm_model_rank{rank}",
                                seed=cfg.seed + rank, device=device)
