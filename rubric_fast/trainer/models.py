@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -207,8 +206,10 @@ def load_policy(cfg: ModelConfig, tokenizer, device: torch.device, *, pretrained
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            print("[rubric_fast] model.lora.enabled needs peft: pip install peft", file=sys.stderr)
-            raise
+            from .config import ConfigError
+
+            raise ConfigError("model.lora.enabled: needs peft, which is not installed: "
+                              "pip install 'rubric_fast[lora]'") from None
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
     model.to(device)

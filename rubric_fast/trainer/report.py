@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("rubric-fast report: needs matplotlib, which is not installed: pip install 'rubric_fast[report]'",
+              file=sys.stderr)
+        return 2
     try:
         index = write_report(args.run_dir, args.out, last_samples=args.samples)
     except ReportError as exc:
