@@ -182,4 +182,5 @@ def make_engine(name: str, model: nn.Module, tokenizer, rollout_cfg, *, via: nn.
         return HFRolloutEngine(model, tokenizer, max_new_tokens=rollout_cfg.max_new_tokens,
                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
                                top_k=rollout_cfg.top_k, batch_size=rollout_cfg.batch_size, via=via, synced=synced)
-    raise ValueError(f"rollout.engine: got {name!r}; accepted: hf")
+    raise ValueError(f"rollout.engine: got {name!r}; accepted here: hf (vllm engines are built by "
+                     "rubric_fast.trainer.vllm_engine.make_vllm_engine)")
