@@ -208,7 +208,10 @@ class VLLMColocatedEngine:
             self.wake(["weights"])
         t0 = time.perf_counter()
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": inference_weights(policy),
+            weights = inference_weights(policy)
+            if self.cfg.vllm.tensor_parallel_size > 1:  # workers in other processes: tensors, not a generator
+                weights = [(name, t.to("cpu")) for name, t in weights]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
             if getattr(unwrap_model(policy).config, "tie_word_embeddings", False):
                 self.llm.collective_rpc(refresh_tied_head)
