@@ -153,6 +153,7 @@ def device_arch(device: torch.device) -> int | None:
 
 DEFAULT_EXTRA_BUDGET = int(1.5e9)  # bytes of extra memory a fused call may use, gradients included
 MIN_WORKSPACE = 64 << 20
+MIN_BLOCK_ROWS = 512  # below this the dW GEMM of a block (K = rows) is memory-bound: over-budget beats 10x slower
 
 
 def extra_budget() -> int:
@@ -191,7 +192,10 @@ def plan_blocks(n_active: int, h: int, v: int, *, dtype: torch.dtype, tile: Tile
     n_active = max(n_active, 1)
     per_row = v * 4 + cdiv(v, tile.BLOCK_V) * 16 + 2 * h * elem_size(dtype)
     cap = workspace_cap()
-    room = max(MIN_WORKSPACE, extra_budget() - fixed_bytes)
+    # when the gradients alone fill the budget (a big head), blocks keep MIN_BLOCK_ROWS rows: the budget is a
+    # target, and tiny blocks would make every dW GEMM memory-bound
+    floor_room = max(MIN_WORKSPACE, min(n_active, MIN_BLOCK_ROWS) * per_row)
+    room = max(floor_room, extra_budget() - fixed_bytes)
 
     def rows_for(room_bytes):
         ws = room_bytes * (v * 4) // per_row
@@ -204,7 +208,7 @@ def plan_blocks(n_active: int, h: int, v: int, *, dtype: torch.dtype, tile: Tile
     mode = "single" if n_blocks == 1 or not needs_dweight else "weight"
     if mode == "weight" and dtype != torch.float32 and os.environ.get("RUBRIC_FAST_DW_ACCUM", "auto") != "weight":
         dw32 = v * h * 4
-        r32 = rows_for(max(MIN_WORKSPACE, extra_budget() - fixed_bytes - dw32))
+        r32 = rows_for(max(floor_room, extra_budget() - fixed_bytes - dw32))
         forced = os.environ.get("RUBRIC_FAST_DW_ACCUM") == "fp32"
         if forced or (extra_budget() - fixed_bytes - dw32 > 0 and r32 >= min(n_active, 1024)):
             r, n_blocks, mode = r32, cdiv(n_active, r32), ("single" if cdiv(n_active, r32) == 1 else "fp32")

@@ -109,3 +109,10 @@ def test_bench_on_a_missing_device_is_one_line(capsys):
     assert err.count("\n") == 1 and "--device cuda: no CUDA device here" in err
     assert main(["--device", "tpu"]) == 2
     assert "--device: got 'tpu'" in capsys.readouterr().err
+
+
+def test_a_head_bigger_than_the_budget_keeps_efficient_blocks():
+    # H 8192 x V 152064 bf16: dW alone is 2.5 GB, over the 1.5 GB budget; blocks stay >= 512 rows
+    p = plan.plan_fused(8192, 8192, 152064, dtype=torch.bfloat16, arch=90)
+    assert p.blocks.rows_per_block >= 512
+    assert p.gemm_equivalents == pytest.approx(3.0)
