@@ -117,8 +117,12 @@ else:
         # fp32 logits of size 1e4 carry ~1e-3 absolute error; the values themselves are O(1e4)
         _close(ls, rs, 1e-6, "lse")
         _close(lp, rl, 1e-6, "logp")
-        assert torch.isfinite(en).all() and (en >= -1e-3).all()
-        _close(en, re, 1e-6, "entropy")
+        assert torch.isfinite(en).all() and (en >= 0).all()
+        # the entropy of fp32 logits of size 1e4 carries the logits' rounding: compare with fp32 torch's error
+        z32 = x.float() @ w.float().T + b.float()
+        ent_t = -(torch.softmax(z32, -1) * torch.log_softmax(z32, -1)).sum(-1)
+        err, err_t = (en.double() - re).abs().max().item(), (ent_t.double() - re).abs().max().item()
+        assert err <= 2 * err_t + 1e-6, f"entropy: err {err:.3e} vs fp32 torch {err_t:.3e} (seed={SEED})"
         gl = torch.ones(n, dtype=torch.float32)
         dx, dw, db = lle.linear_logprob_entropy_bwd(x.float(), w.float(), t, b.float(), ls, en, gl, gl, 1.0, -100,
                                                     True, True, True)
