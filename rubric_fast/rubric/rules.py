@@ -10,6 +10,8 @@ They live with the rubric (its loaders validate the parameters at load time); th
 ``contains``        ``text`` or ``any: [...]`` or ``all: [...]``; ``case_sensitive`` (false), ``whole_word`` (false)
 ``not_contains``    same parameters as ``contains``; met when none of the texts occur
 ``length``          ``min`` / ``max`` (inclusive), ``unit``: words | chars
+``count``           the number of non-overlapping matches of ``pattern`` (``flags`` as for regex; ``m`` for line
+                    anchors) lies in ``min`` .. ``max`` (inclusive), e.g. exactly 3 bullet lines
 ``json``            the response (or its fenced block) is valid JSON; ``required_keys`` optional
 ``numeric``         the final answer is a number within ``abs_tol`` / ``rel_tol`` of ``answer`` (or the reference)
 ``normalized_match`` the final answer equals ``answer`` (or the reference) after lower-casing and stripping
@@ -261,6 +263,15 @@ def _length(response: str, p: dict[str, Any]) -> tuple[bool, str]:
     return ok, f"{n} {unit} (bounds {lo}..{hi})"
 
 
+def _count(response: str, p: dict[str, Any]) -> tuple[bool, str]:
+    flags = 0
+    for ch in p.get("flags", ""):
+        flags |= {"i": re.I, "m": re.M, "s": re.S, "x": re.X}[ch]
+    n = len(re.findall(p["pattern"], response, flags))
+    lo, hi = p.get("min"), p.get("max")
+    return (lo is None or n >= lo) and (hi is None or n <= hi), f"{n} matches of /{p['pattern']}/ (bounds {lo}..{hi})"
+
+
 def _json(response: str, p: dict[str, Any]) -> tuple[bool, str]:
     text = response.strip()
     m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.S)
@@ -347,6 +358,15 @@ def _validate_length(p):
             raise ValueError(f"'{k}' must be an integer >= 0")
 
 
+def _validate_count(p):
+    _validate_regex({k: v for k, v in p.items() if k != "mode"})
+    if p.get("min") is None and p.get("max") is None:
+        raise ValueError("needs 'min' and/or 'max'")
+    for k in ("min", "max"):
+        if p.get(k) is not None and (isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 0):
+            raise ValueError(f"'{k}' must be an integer >= 0")
+
+
 def _validate_nothing(p):
     return None
 
@@ -357,6 +377,7 @@ RULE_CHECKS: dict[str, tuple[Callable, Callable]] = {
     "contains": (_validate_contains, lambda r, p, ref: _contains(r, p)),
     "not_contains": (_validate_contains, lambda r, p, ref: (lambda ok, why: (not ok, why))(*_contains(r, p))),
     "length": (_validate_length, lambda r, p, ref: _length(r, p)),
+    "count": (_validate_count, lambda r, p, ref: _count(r, p)),
     "json": (_validate_nothing, lambda r, p, ref: _json(r, p)),
     "numeric": (_validate_nothing, _numeric),
     "normalized_match": (_validate_nothing, _normalized_match),

@@ -26,6 +26,7 @@ from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
 
 from .calibration import CalibrationConfig
 from .empg import EMPGConfig
+from .evaluate import EvalConfig
 from .multiturn import MultiTurnConfig
 from .pairwise_scorer import PairwiseConfig
 from .refine import RefineConfig
@@ -83,6 +84,7 @@ class DataConfig:
     format: str = "auto"                # see rubric_fast.rubric.FORMATS
     prompts_per_step: int = 8           # for the whole job, split evenly over the ranks (a multiple of the world size)
     shuffle: bool = True
+    split: str | None = None            # train only on the prompts whose meta.split is this (e.g. train); null = all
 
 
 @dataclass
@@ -241,6 +243,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)    # held-out evaluation (trainer/evaluate.py)
     seed: int = 0
     max_steps: int = 100
     max_nan_steps: int = 5              # consecutive non-finite losses before the run stops
@@ -497,6 +500,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 # dataset paths in a config file are relative to the current directory, else to the file
                 if not Path(cfg.data.path).exists() and (p.parent / cfg.data.path).exists():
                     cfg.data.path = str(p.parent / cfg.data.path)
+            if cfg.eval.path and not Path(cfg.eval.path).is_absolute() and not Path(cfg.eval.path).exists() \
+                    and (p.parent / cfg.eval.path).exists():  # the same rule for the evaluation set
+                cfg.eval.path = str(p.parent / cfg.eval.path)
         for text in overrides or []:
             key, value = parse_override(text)
             set_key(cfg, key, value, source="override")
@@ -556,9 +562,10 @@ def validate(cfg: TrainConfig) -> None:
 def check_methods(cfg: TrainConfig) -> None:
     """The rubric-RL method switches (docs/methods.md): each module checks its own keys (ValueError naming
     the key); the combinations that cannot work together are refused here with the reason."""
-    from . import calibration, empg, multiturn, oreal, pairwise_scorer, reference_update, refine
+    from . import calibration, empg, evaluate, multiturn, oreal, pairwise_scorer, reference_update, refine
 
     try:
+        evaluate.check_config(cfg.eval)
         calibration.check_config(cfg.reward.calibration)
         oreal.check_config(cfg.algorithm)
         pairwise_scorer.check_config(cfg.reward.pairwise, cfg.rollout.num_generations)

@@ -93,6 +93,8 @@ def progress_text(metrics: dict[str, Any]) -> str:
         parts.append(f"guarded {m['guarded']:.0f}{detail}")
     if m.get("judge/error_rate") is not None:
         parts.append(f"judge err {100 * m['judge/error_rate']:.1f}%")
+    if m.get("eval/reward") is not None:  # eval.every: the held-out mean reward (trainer/evaluate.py)
+        parts.append(f"held-out reward {m['eval/reward']:.3f}")
     return " | ".join(parts)
 
 

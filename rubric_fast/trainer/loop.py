@@ -78,7 +78,7 @@ from .dist import (
     sync_gradients,
 )
 from .interrupt import SIGNALS, Interrupted
-from .models import ReferencePolicy, load_policy, load_tokenizer
+from .models import ReferencePolicy, check_chat_template, load_policy, load_tokenizer
 from .pairwise_scorer import make_pairwise_scorer
 from .rewards import ScoredCompletion, make_scorer
 from .rollout import Completion, make_engine
@@ -412,6 +412,13 @@ def load_data(cfg: TrainConfig) -> list[Rubric]:
         raise ConfigError(f"data.path: {path} is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"data.path: cannot read {path}: {exc.strerror or exc}") from None
+    if cfg.data.split is not None:  # e.g. train, leaving the held_out prompts to the evaluation
+        from .evaluate import select_split
+
+        try:
+            rubrics = select_split(rubrics, cfg.data.split, key="data.split", path=path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         check_judge_coverage(rubrics, cfg.judge)
     except ValueError as exc:
@@ -503,6 +510,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
 
     # ---- model, reference, optimizer
     tokenizer = load_tokenizer(cfg.model, run_dir if info.is_main else None)
+    check_chat_template(tokenizer, rubrics, cfg.model)  # message prompts need the tokenizer's chat template
     policy = load_policy(cfg.model, tokenizer, device)
     a = cfg.algorithm
     broadcast_parameters(policy)  # rank 0's initial weights everywhere (before any sharding)
@@ -548,6 +556,15 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
         raise ConfigError(f"judge / scoring: {exc}") from None
     closers.append(scorer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    evaluator = None
+    if cfg.eval.every:  # held-out evaluation at the start, every eval.every steps and at the end (evaluate.py)
+        from .evaluate import TrainEvaluator, eval_line
+
+        if strategy == "fsdp2":
+            raise ConfigError("eval.every: not with distributed.strategy=fsdp2 (the evaluation generates with the "
+                              "unsharded policy on each rank); use ddp or eval.every=0")
+        evaluator = TrainEvaluator(cfg, policy=policy, tokenizer=tokenizer, scorer=scorer, device=device,
+                                   rank=info.rank, world_size=info.world_size)
 
     # ---- resume
     step, policy_version, consecutive_nan = 0, 0, 0
@@ -668,6 +685,10 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
     depth = 2 if cfg.rollout.overlap else 1
     t_run = time.perf_counter()
     log.log_config(config_to_dict(cfg))  # only now: the data, the judge and the checkpoint were all accepted
+    if evaluator is not None and step == 0:  # the starting policy, on the held-out prompts
+        eval_metrics, eval_res = evaluator.run(0)
+        say(eval_line(0, eval_res))
+        log.log(0, eval_metrics)
 
     def checkpoint() -> Path:
         # batches generated ahead (overlap) are saved as they are and re-scored on resume (the judge cache
@@ -815,6 +836,11 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             rewards_history.append(mean_reward)
 
             # ---- 5. log, checkpoint
+            eval_metrics = {}
+            if evaluator is not None and evaluator.due(step):
+                eval_metrics, eval_res = evaluator.run(step)
+                say(eval_line(step, eval_res))
+                metrics.update(eval_metrics)
             if step % cfg.logging.every == 0 or step == cfg.max_steps:
                 metrics.update(step_metrics(batch, mean_reward, upd, update_time, score_wait, stale, counters,
                                             policy_version, staleness, scheduler))

@@ -21,6 +21,8 @@ from rubric_fast.trainer.logger import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, 
 PLOTS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("reward", "Reward", "reward", ("reward",)),
     ("pass_rates", "Per-criterion pass rate", "pass rate", ("pass_rate/",)),
+    # eval.every: the held-out mean reward and pass rates at the start, every N steps and at the end
+    ("eval", "Held-out evaluation", "mean reward / pass rate", ("eval/reward", "eval/pass_rate/")),
     ("kl", "KL to reference", "kl", ("kl",)),
     ("entropy", "Entropy", "nats / token", ("entropy",)),
     ("clip_frac", "Clip fractions", "fraction of tokens", ("clip_frac_low", "clip_frac_high")),
@@ -137,11 +139,14 @@ def plot_curves(data: dict[str, tuple[list[float], list[float]]], out_dir: Path)
         ax = fig.add_subplot()
         for key in keys:
             xs, ys = data[key]
-            label = key.removeprefix("pass_rate/") if stem == "pass_rates" else key
+            label = key.removeprefix("pass_rate/") if stem == "pass_rates" else key.removeprefix("eval/")
             if stem == "reward":
                 window = max(1, min(50, len(ys) // 10))
                 ax.plot(xs, ys, alpha=0.35, label="reward")
                 ax.plot(xs, rolling_mean(ys, window), label=f"rolling mean ({window})")
+            elif stem == "eval":  # a few points: markers, the reward drawn bold
+                ax.plot(xs, ys, marker="o", linewidth=2.5 if key == "eval/reward" else 1.0,
+                        alpha=1.0 if key == "eval/reward" else 0.6, label=label)
             else:
                 ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
         ax.set_title(title)
