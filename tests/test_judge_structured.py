@@ -39,8 +39,10 @@ def test_templates_follow_the_schemas():
         (CHOICE, "", ["true}", "false}"])]
     rating = template_from_schema(prompts.reply_schema("holistic"))[-1]
     assert rating.options == [f"{i}}}" for i in range(1, 11)]  # "1}" is no prefix of "10}"
-    batch = template_from_schema(prompts.reply_schema("batch", ids=["a", "b"]))
-    assert batch[0].text == '[{"criterion_id": ' and batch[1].options == ['"a", "explanation": "', '"b", "explanation": "']
+    batch = template_from_schema(prompts.reply_schema("batch", ids=["a", "b"]))  # the ids fixed, in order
+    assert batch[0].text == '[{"criterion_id": "a", "explanation": "' and batch[1].kind == STR
+    assert batch[3].options == ['true}, {"criterion_id": "b", "explanation": "',
+                                'false}, {"criterion_id": "b", "explanation": "']
     assert sum(p.kind == STR for p in batch) == 2 and batch[-1].options == ["true}]", "false}]"]
     assert template_from_schema(prompts.reply_schema("pairwise"))[-1].options == ['"A"}', '"B"}', '"tie"}']
     with pytest.raises(ValueError, match="minItems == maxItems"):

@@ -4,9 +4,9 @@ With ``judge.structured: true`` every judge call carries the JSON schema of the 
 (:func:`rubric_fast.judges.prompts.reply_schema`). An OpenAI-compatible server enforces it itself
 (``response_format: json_schema``, vLLM's structured outputs); for the local ``hf`` judge this module does the
 same inside ``generate``: the schema (the small subset the judge prompts use: objects with fixed keys in
-order, strings, enums, booleans, integer ranges, fixed-length arrays) becomes a template of parts,
+order, strings, consts, enums, booleans, integer ranges, fixed-length arrays and tuples) becomes a template of parts,
 
-* a literal (``{"explanation": "``), forced token by token;
+* a literal (``{"explanation": "``, a ``const``), forced token by token;
 * a free string, any token whose text holds no ``"``, backslash or control character, closed by a token that
   starts the next literal (``"``, ``",`` ...), and at most ``cap`` tokens long;
 * a choice among literals (``true}`` / ``false}``), the model picking among their first tokens;
@@ -48,6 +48,9 @@ def template_from_schema(schema: dict[str, Any]) -> list[Part]:
             parts.append(Part(LIT, t))
 
     def value(s: dict[str, Any]) -> None:
+        if "const" in s:
+            lit(json.dumps(s["const"]))
+            return
         if "enum" in s:
             parts.append(Part(CHOICE, options=[json.dumps(v) for v in s["enum"]]))
             return
@@ -59,6 +62,13 @@ def template_from_schema(schema: dict[str, Any]) -> list[Part]:
                 lit((", " if i else "") + json.dumps(k) + ": ")
                 value(sub)
             lit("}")
+        elif t == "array" and isinstance(s.get("prefixItems"), list):  # a fixed tuple of items
+            lit("[")
+            for i, sub in enumerate(s["prefixItems"]):
+                if i:
+                    lit(", ")
+                value(sub)
+            lit("]")
         elif t == "array":
             n = s.get("minItems")
             if n is None or n != s.get("maxItems") or not isinstance(s.get("items"), dict):

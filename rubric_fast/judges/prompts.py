@@ -158,11 +158,11 @@ def reply_schema(kind: str, *, n_tiers: int = 0, ids: list[str] | None = None) -
         return obj({"explanation": expl, "criteria_met": {"type": "boolean"}})
     if kind == "tier":
         return obj({"explanation": expl, "tier": {"type": "integer", "minimum": 0, "maximum": max(0, n_tiers - 1)}})
-    if kind == "batch":
+    if kind == "batch":  # one object per criterion, in the order asked (no id missing or repeated)
         ids = list(ids or [])
-        item = obj({"criterion_id": {"type": "string", "enum": ids}, "explanation": expl,
-                    "criteria_met": {"type": "boolean"}})
-        return {"type": "array", "items": item, "minItems": len(ids), "maxItems": len(ids)}
+        items = [obj({"criterion_id": {"const": i}, "explanation": expl, "criteria_met": {"type": "boolean"}})
+                 for i in ids]
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": len(ids), "maxItems": len(ids)}
     if kind == "holistic":
         return obj({"explanation": expl, "rating": {"type": "integer", "minimum": 1, "maximum": 10}})
     if kind == "pairwise":
