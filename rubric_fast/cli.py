@@ -28,12 +28,16 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments (None: every module, e.g. for
+    documentation tools)."""
     parser = argparse.ArgumentParser(prog="rubric-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module)
+        if command is not None and name != command:
+            continue
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:  # a subcommand whose optional dependencies are missing
@@ -44,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the first word that is not an option names the subcommand: import that one module, not all of them
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     err = getattr(args, "_import_error", None)
     if err is not None:
