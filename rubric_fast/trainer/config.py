@@ -31,10 +31,21 @@ from .multiturn import MultiTurnConfig
 from .pairwise_scorer import PairwiseConfig
 from .refine import RefineConfig
 
-# examples/ of a source checkout (editable install), else the copy a wheel installs as rubric_fast/examples
-EXAMPLES_DIR = next((p for p in (Path(__file__).resolve().parents[2] / "examples",
-                                 Path(__file__).resolve().parents[1] / "examples") if (p / "default.yaml").exists()),
-                    Path(__file__).resolve().parents[2] / "examples")
+def _examples_dir() -> Path:
+    """The shipped defaults: the package data ``rubric_fast.examples`` (examples/ of the source tree, installed
+    with the package, also by an editable install); a checkout used without installing reads examples/."""
+    from importlib.resources import files
+
+    try:
+        found = Path(str(files("rubric_fast.examples")))
+    except (ModuleNotFoundError, TypeError):
+        found = None
+    if found is not None and (found / "default.yaml").is_file():
+        return found
+    return Path(__file__).resolve().parents[2] / "examples"
+
+
+EXAMPLES_DIR = _examples_dir()
 DEFAULT_DATASET = EXAMPLES_DIR / "default_rubrics.jsonl"
 
 

@@ -1,0 +1,1 @@
+"""Configs and rubric datasets that ship with rubric_fast (package data, read with importlib.resources)."""

@@ -1,0 +1,1 @@
+"""Small rubric datasets in every supported format (package data)."""
