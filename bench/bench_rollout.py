@@ -121,6 +121,10 @@ def memory(args) -> list[dict]:
 SPEED_MODELS = {  # char vocabulary (the trainer's tiny tokenizer); head_dim 64 (vLLM's CPU kernels need >= 32)
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 1, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688},
+    # Qwen2-0.5B's decoder shape (no GQA, char vocabulary): for a GPU, e.g. from bench/gpu_check.sh:
+    #   python bench/bench_rollout.py speed --models qwen2-0.5b --device cuda --prompts 32 --new-tokens 256
+    "qwen2-0.5b": {"arch": "qwen2", "hidden_size": 896, "num_layers": 24, "num_heads": 14, "intermediate_size": 4864,
+                   "tie_word_embeddings": True},
 }
 
 
