@@ -172,47 +172,68 @@ def _spec_class(a) -> str:
     return "1" if a == 1 else ("16" if a % 16 == 0 else "i")
 
 
-def check(archs, shapes, dtypes=DTYPES, verbose=False) -> list[Row]:
+def _check_one(job) -> Row:
+    """Compile one variant and judge it (a process-pool task: every argument pickles)."""
     from rubric_fast.kernels import plan
 
-    rows: list[Row] = []
+    arch, label, spec, args = job
+    cx = ",".join(f"{k}={v}" for k, v in spec.constexprs.items())
+    row = Row(spec.kernel, arch, f"{label} [{cx} w{spec.num_warps} s{spec.num_stages}]", False, gemm=spec.gemm)
+    try:
+        k = compile_one(spec, args, arch)
+    except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
+        msg = " ".join(str(exc).split())
+        row.problem = f"compile failed: {type(exc).__name__}: {msg[:400]}"
+        return row
+    row.compiled = True
+    ptx = k.asm.get("ptx", "")
+    row.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+    row.shared_bytes = int(getattr(k.metadata, "shared", -1))
+    row.registers, row.spill_bytes = _ptxas_usage(ptx, arch)
+    problems = []
+    is_16bit = spec.constexprs.get("DOT_PRECISION") == "tf32" and "float32" not in label
+    if spec.gemm and is_16bit and arch >= 90 and row.mma != "wgmma":
+        problems.append(f"GEMM kernel without wgmma on sm_{arch} ({row.mma})")
+    if spec.gemm and is_16bit and 80 <= arch < 90 and row.mma == "none":
+        problems.append(f"GEMM kernel without tensor-core MMA on sm_{arch}")
+    if spec.gemm and row.spill_bytes > 0:
+        problems.append(f"{row.spill_bytes} bytes of register spills in a GEMM kernel")
+    if row.shared_bytes > plan.shared_limit(arch):
+        problems.append(f"shared memory {row.shared_bytes} B over sm_{arch}'s {plan.shared_limit(arch)} B")
+    row.problem = "; ".join(problems)
+    return row
+
+
+def check(archs, shapes, dtypes=DTYPES, verbose=False, jobs: int | None = None) -> list[Row]:
+    """Every distinct variant (as Triton would specialize it) compiled once, on ``jobs`` processes (default:
+    the CPU count; each compile is single-threaded)."""
+    todo = []
     seen = set()
     for arch in archs:
         for label, spec, args in _variants(arch, shapes, dtypes):
             key = (arch, spec.kernel, tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages,
                    tuple(str(a.dtype) if hasattr(a, "dtype") else _spec_class(a) for a in args))
-            if key in seen:
-                continue
-            seen.add(key)
-            cx = ",".join(f"{k}={v}" for k, v in spec.constexprs.items())
-            row = Row(spec.kernel, arch, f"{label} [{cx} w{spec.num_warps} s{spec.num_stages}]", False,
-                      gemm=spec.gemm)
-            try:
-                k = compile_one(spec, args, arch)
-            except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
-                msg = " ".join(str(exc).split())
-                row.problem = f"compile failed: {type(exc).__name__}: {msg[:400]}"
-                rows.append(row)
-                continue
-            row.compiled = True
-            ptx = k.asm.get("ptx", "")
-            row.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
-            row.shared_bytes = int(getattr(k.metadata, "shared", -1))
-            row.registers, row.spill_bytes = _ptxas_usage(ptx, arch)
-            problems = []
-            is_16bit = spec.constexprs.get("DOT_PRECISION") == "tf32" and "float32" not in label
-            if spec.gemm and is_16bit and arch >= 90 and row.mma != "wgmma":
-                problems.append(f"GEMM kernel without wgmma on sm_{arch} ({row.mma})")
-            if spec.gemm and is_16bit and 80 <= arch < 90 and row.mma == "none":
-                problems.append(f"GEMM kernel without tensor-core MMA on sm_{arch}")
-            if spec.gemm and row.spill_bytes > 0:
-                problems.append(f"{row.spill_bytes} bytes of register spills in a GEMM kernel")
-            if row.shared_bytes > plan.shared_limit(arch):
-                problems.append(f"shared memory {row.shared_bytes} B over sm_{arch}'s {plan.shared_limit(arch)} B")
-            row.problem = "; ".join(problems)
+            if key not in seen:
+                seen.add(key)
+                todo.append((arch, label, spec, args))
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+    if jobs == 1:
+        results = map(_check_one, todo)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_check_one, todo)
+    rows = []
+    try:
+        for row in results:
             rows.append(row)
             if verbose:
                 print(_format_row(row), flush=True)
+    finally:
+        if jobs > 1:
+            pool.shutdown()
     return rows
 
 
@@ -242,6 +263,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-cache", action="store_true",
                    help="use the existing TRITON_CACHE_DIR instead of a fresh one (a warm cache can hide failures)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every row as it compiles")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
 
 
 def run(args) -> int:
@@ -264,7 +286,7 @@ def run(args) -> int:
         cache = tempfile.mkdtemp(prefix="rubric_fast_triton_cache_")
         os.environ["TRITON_CACHE_DIR"] = cache
     try:
-        rows = check(archs, shapes, dtypes, verbose=args.verbose)
+        rows = check(archs, shapes, dtypes, verbose=args.verbose, jobs=args.jobs)
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
