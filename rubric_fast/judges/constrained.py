@@ -28,6 +28,7 @@ import torch
 # ------------------------------------------------------------------------------------------------ templates
 LIT, STR, CHOICE = "lit", "str", "choice"
 MAX_CHOICES = 100
+DRIFT = 2  # spare tokens per string (see _Row)
 
 
 @dataclass
@@ -154,10 +155,13 @@ class _Row:
         fixed = sum(len(vocab.encode(p.text)) for p in parts if p.kind == LIT)
         fixed += sum(max(len(vocab.encode(o)) for o in p.options) for p in parts if p.kind == CHOICE)
         n_str = sum(p.kind == STR for p in parts)
-        if fixed + n_str + 1 > max_new_tokens:
-            raise ValueError(f"judge.max_new_tokens: {max_new_tokens} is too small for a structured reply (its "
-                             f"fixed part alone takes {fixed} tokens); raise it")
-        self.cap = max(1, (max_new_tokens - fixed - 1) // max(1, n_str))  # the whole reply fits
+        # a string closed by a token such as '",' leaves the rest of its literal to be encoded on its own, which
+        # may take a token or two more than the literal's own encoding: DRIFT tokens per string are kept free
+        need = fixed + n_str * (1 + DRIFT) + 1
+        if need > max_new_tokens:
+            raise ValueError(f"judge.max_new_tokens: {max_new_tokens} is too small for a structured reply (it "
+                             f"needs at least {need} tokens); raise it")
+        self.cap = max(1, (max_new_tokens - fixed - 1 - DRIFT * n_str) // max(1, n_str))  # the whole reply fits
         self.idx = -1
         self.done = False
         self._enter(0)
