@@ -159,3 +159,20 @@ def test_every_closing_token_still_fits_with_a_real_bpe_tokenizer(n_criteria):
             assert row.done, (max_new, pick, tok.decode(toks))
             reply = json.loads(tok.decode(toks))
             assert [r["criterion_id"] for r in reply] == ids
+
+
+def test_explanation_chars_bounds_the_explanation():
+    model, tok = _tiny_model()
+    judge = HFJudge(model, tok, max_new_tokens=80, max_input_tokens=256, max_reasks=0, structured=True,
+                    explanation_chars=5)
+    msgs = [prompts.per_criterion_messages([{"role": "user", "content": "q"}], "a", CRIT[0], None)]
+    obj = json.loads(judge._generate(msgs, [judge.reply_schema("verdict")])[0])
+    assert 1 <= len(obj["explanation"]) <= 5  # one character per token here: exactly the bound
+    assert judge.identity.endswith(":structured:e5")
+    with JudgeServer() as s:
+        j = HttpJudge("m", [s.url], structured=True, explanation_chars=60, timeout_s=2.0)
+        _grade_all(j, [JudgeRequest("r", [{"role": "user", "content": "fruit?"}], "apple", CRIT[:1])])
+        assert s.bodies[0]["response_format"]["json_schema"]["schema"]["properties"]["explanation"] == {
+            "type": "string", "maxLength": 60}
+    with pytest.raises(ValueError, match="explanation_chars must be an integer >= 1"):
+        HFJudge(model, tok, explanation_chars=0)

@@ -36,7 +36,7 @@ class ChatJudge:
     name = "chat"
 
     def __init__(self, *, mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2,
-                 structured: bool = False):
+                 structured: bool = False, explanation_chars: int = prompts.EXPLANATION_MAX_CHARS):
         if mode not in MODES:
             raise ValueError(f"judge mode must be one of {', '.join(MODES)}; got {mode!r}")
         if batch_size < 1:
@@ -44,6 +44,9 @@ class ChatJudge:
         self.mode, self.batch_size, self.max_reasks = mode, batch_size, max_reasks
         # every call carries its reply's JSON schema, enforced by the backend (prompts.reply_schema)
         self.structured = bool(structured)
+        if not isinstance(explanation_chars, int) or explanation_chars < 1:
+            raise ValueError(f"explanation_chars must be an integer >= 1, got {explanation_chars!r}")
+        self.explanation_chars = explanation_chars  # structured: the explanation's maxLength
         self.stats: Counter = Counter()
 
     @property
@@ -57,7 +60,14 @@ class ChatJudge:
     @property
     def structured_tag(self) -> str:
         """Part of the cache identity: structured replies may differ from free ones."""
-        return ":structured" if self.structured else ""
+        if not self.structured:
+            return ""
+        return ":structured" + (f":e{self.explanation_chars}"
+                                if self.explanation_chars != prompts.EXPLANATION_MAX_CHARS else "")
+
+    def reply_schema(self, kind: str, **kw) -> dict[str, Any]:
+        """The JSON schema of a reply of this kind, with this judge's explanation length."""
+        return prompts.reply_schema(kind, max_chars=self.explanation_chars, **kw)
 
     async def _complete(self, messages: list[dict[str, str]], *, deadline: float | None,
                         schema: dict[str, Any] | None = None) -> str:
@@ -92,14 +102,14 @@ class ChatJudge:
         if c.tiers:  # ordinal criterion: the verdict's score is the chosen tier's score
             msgs = prompts.tier_messages(req.prompt, response, c, req.reference_answer)
             res, err = await self._ask(msgs, lambda t: prompts.parse_tier(t, len(c.tiers)), deadline=req.deadline_s,
-                                       schema=prompts.reply_schema("tier", n_tiers=len(c.tiers)))
+                                       schema=self.reply_schema("tier", n_tiers=len(c.tiers)))
             if res is None:
                 return Verdict(c.id, None, "", err)
             tier, why = res
             return Verdict(c.id, float(c.tiers[tier].score), why)
         msgs = prompts.per_criterion_messages(req.prompt, response, c, req.reference_answer)
         res, err = await self._ask(msgs, prompts.parse_per_criterion, deadline=req.deadline_s,
-                                   schema=prompts.reply_schema("verdict"))
+                                   schema=self.reply_schema("verdict"))
         if res is None:
             return Verdict(c.id, None, "", err)
         met, why = res
@@ -109,7 +119,7 @@ class ChatJudge:
         ids = [c.id for c in chunk]
         msgs = prompts.batch_messages(req.prompt, response, chunk, req.reference_answer)
         res, err = await self._ask(msgs, lambda t: prompts.parse_batch(t, ids), deadline=req.deadline_s,
-                                   schema=prompts.reply_schema("batch", ids=ids))
+                                   schema=self.reply_schema("batch", ids=ids))
         if res is None and err is not None and not err.startswith("parse"):
             return [Verdict(i, None, "", err) for i in ids]  # the transport failed: don't hammer it per criterion
         res = res or {}
@@ -130,7 +140,7 @@ class ChatJudge:
     async def _holistic(self, req: JudgeRequest, response: str) -> Verdict:
         msgs = prompts.holistic_messages(req.prompt, response, req.criteria, req.reference_answer)
         res, err = await self._ask(msgs, prompts.parse_holistic, deadline=req.deadline_s,
-                                   schema=prompts.reply_schema("holistic"))
+                                   schema=self.reply_schema("holistic"))
         if res is None:
             return Verdict(HOLISTIC_ID, None, "", err)
         rating, why = res

@@ -35,6 +35,7 @@ DRIFT = 2  # spare tokens per string (see _Row)
 class Part:
     kind: str                           # lit | str | choice
     text: str = ""                      # lit
+    max_chars: int | None = None        # str: its maxLength
     options: list[str] = field(default_factory=list)   # choice
 
 
@@ -82,7 +83,7 @@ def template_from_schema(schema: dict[str, Any]) -> list[Part]:
             lit("]")
         elif t == "string":
             lit('"')
-            parts.append(Part(STR))
+            parts.append(Part(STR, max_chars=s.get("maxLength")))
             lit('"')
         elif t == "boolean":
             parts.append(Part(CHOICE, options=["true", "false"]))
@@ -181,7 +182,7 @@ class _Row:
             self.alive = [list(self.vocab.encode(o)) for o in p.options]
             self.pos = 0
         else:
-            self.count = 0
+            self.count, self.chars = 0, 0
 
     def allowed(self, eos: int) -> torch.Tensor | list[int]:
         if self.done:
@@ -192,7 +193,7 @@ class _Row:
         if p.kind == CHOICE:
             return sorted({a[self.pos] for a in self.alive if len(a) > self.pos})
         closers = self.vocab.closers(self.parts[self.idx + 1].text)
-        if self.count >= self.cap:
+        if self.count >= self.cap or (p.max_chars is not None and self.chars >= p.max_chars):
             return closers
         mask = self.vocab.plain.clone()
         mask[closers] = True
@@ -218,6 +219,7 @@ class _Row:
                 self._enter(self.idx + 1, literal=closing[len(t):])
             else:
                 self.count += 1
+                self.chars += len(t)
 
 
 class TemplateLogitsProcessor:

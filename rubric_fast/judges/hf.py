@@ -34,8 +34,9 @@ class HFJudge(ChatJudge):
                  device: str = "cpu", dtype: str | None = None, batch_wait_s: float = 0.005,
                  call_timeout_s: float = 600.0, max_reasks: int = 2, criteria_per_call: int = 5,
                  generate_fn: Callable[[list[list[dict[str, str]]]], list[str]] | None = None,
-                 structured: bool = False, gguf_file: str | None = None):
-        super().__init__(mode=mode, batch_size=criteria_per_call, max_reasks=max_reasks, structured=structured)
+                 structured: bool = False, gguf_file: str | None = None, explanation_chars: int = 400):
+        super().__init__(mode=mode, batch_size=criteria_per_call, max_reasks=max_reasks, structured=structured,
+                         explanation_chars=explanation_chars)
         if model is None and generate_fn is None:
             raise ValueError("hf judge: give 'model' (a name, a path or a model object) or generate_fn")
         self.model_id = model if isinstance(model, str) else type(model).__name__ if model is not None else "scripted"

@@ -41,12 +41,13 @@ class HttpJudge(ChatJudge):
 
     def __init__(self, model: str, endpoints: list[str] | str, *, api_key_env: str | None = None,
                  mode: str = "per_criterion", batch_size: int = 5, max_reasks: int = 2, max_tokens: int = 512,
-                 structured: bool = False,
+                 structured: bool = False, explanation_chars: int = prompts.EXPLANATION_MAX_CHARS,
                  temperature: float = 0.0, extra_body: dict[str, Any] | None = None,
                  pool: CallPool | None = None, concurrency: int = 32, rpm: float | None = None,
                  tpm: float | None = None, timeout_s: float = 60.0, retries: int = 4,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
-        super().__init__(mode=mode, batch_size=batch_size, max_reasks=max_reasks, structured=structured)
+        super().__init__(mode=mode, batch_size=batch_size, max_reasks=max_reasks, structured=structured,
+                         explanation_chars=explanation_chars)
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         if not endpoints:

