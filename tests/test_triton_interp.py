@@ -118,11 +118,16 @@ else:
         _close(ls, rs, 1e-6, "lse")
         _close(lp, rl, 1e-6, "logp")
         assert torch.isfinite(en).all() and (en >= 0).all()
-        # the entropy of fp32 logits of size 1e4 carries the logits' rounding: compare with fp32 torch's error
-        z32 = x.float() @ w.float().T + b.float()
-        ent_t = -(torch.softmax(z32, -1) * torch.log_softmax(z32, -1)).sum(-1)
-        err, err_t = (en.double() - re).abs().max().item(), (ent_t.double() - re).abs().max().item()
-        assert err <= 2 * err_t + 1e-6, f"entropy: err {err:.3e} vs fp32 torch {err_t:.3e} (seed={SEED})"
+        # fp32 logits of size 1e4 carry ~1e-3 rounding of their own (any fp32 matmul); what the kernel must get
+        # right is the reduction: compare with the float64 entropy and lse of the kernel's own fp32 logits
+        z_k = torch.empty(n, v)
+        lle.forward_rows(x.float(), w.float(), t.clamp_min(0), b.float(), 1.0, -100, z_out=z_k)
+        zd = z_k.double()
+        ent_own = -(torch.softmax(zd, -1) * torch.log_softmax(zd, -1)).sum(-1)
+        keep = t != -100
+        err = (en.double() - ent_own)[keep].abs().max().item()
+        assert err <= 1e-5 * max(1.0, ent_own.abs().max().item()), f"entropy: err {err:.3e} (seed={SEED})"
+        _close(ls[keep], torch.logsumexp(zd, -1)[keep], 1e-7, "lse of the kernel's own logits")
         gl = torch.ones(n, dtype=torch.float32)
         dx, dw, db = lle.linear_logprob_entropy_bwd(x.float(), w.float(), t, b.float(), ls, en, gl, gl, 1.0, -100,
                                                     True, True, True)
