@@ -176,3 +176,34 @@ def test_explanation_chars_bounds_the_explanation():
             "type": "string", "maxLength": 60}
     with pytest.raises(ValueError, match="explanation_chars must be an integer >= 1"):
         HFJudge(model, tok, explanation_chars=0)
+
+
+def test_a_judge_out_of_format_stops_the_run_naming_the_key_and_structured_replies_fix_it(tmp_path):
+    """A judge model that never writes the JSON (a random tiny model): every judgement fails its format, is
+    re-asked, then failed (never a 0), and the run stops with one line naming judge.structured; with
+    judge.structured=true the same model's verdicts parse and the run trains."""
+    import subprocess
+
+    model, tok = _tiny_model()
+    model.save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say something nice about {w}.",
+                                        "criteria": [{"id": "polite", "text": "The response is polite."}]}) + "\n"
+                            for i, w in enumerate(["cats", "tea"])))
+    base = [sys.executable, "-m", "rubric_fast", "train", f"data.path={data}", "max_steps=1",
+            "data.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=4",
+            "scoring.guard=false", "scoring.audit_rate=0", "logging.tensorboard=false", "logging.progress=false",
+            "checkpoint.save_final=false"]
+    judge = f"{{type: hf, model: {tmp_path / 'judge'}, max_new_tokens: 60, max_reasks: 1, max_input_tokens: 2048"
+    r = subprocess.run(base + [f"judge={judge}}}", f"logging.run_dir={tmp_path / 'free'}"], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("rubric-fast train: stopped: step 1: every judgement failed")
+    assert "parse: " in last and "judge.structured: the judge never answered in the requested JSON format" in last
+    r = subprocess.run(base + [f"judge={judge}, structured: true}}", f"logging.run_dir={tmp_path / 'structured'}"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "structured" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["judge/error_rate"] == 0.0 and row["reward_missing"] == 0.0

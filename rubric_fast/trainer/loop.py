@@ -761,10 +761,16 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
             # a step in which the judge answered nothing (the guard's verdicts are no judgements) ends the run
             asked = [s for s in batch.samples if s.guard_reason is None]
             if global_sum(len(asked), device) > 0 and global_sum(sum(s.reward is not None for s in asked), device) == 0:
+                errors = [e for s in asked for e in s.errors]
+                if errors and all(e.startswith("parse") for e in errors):  # answers, but never in the format
+                    hint = ("judge.structured: the judge never answered in the requested JSON format; set "
+                            "judge.structured=true (the reply's schema enforced: vLLM structured outputs, or while "
+                            "the hf judge decodes) or a judge.model that follows the format")
+                else:
+                    hint = "Check the judge (judge.endpoints, its logs, judge.timeout_s)"
                 raise TrainingStopped(
                     f"step {step + 1}: every judgement failed ({len(asked)} rollouts on this rank); errors: "
-                    f"{summarize_errors(e for s in asked for e in s.errors)}. Check the judge (judge.endpoints, "
-                    "its logs, judge.timeout_s)")
+                    f"{summarize_errors(errors)}. {hint}")
             mean_reward = global_sum(sum(valid_rewards), device) / n_valid if n_valid else float("nan")
             if cfg.rollout.refine.enabled and samples:  # RGR: revisions of the best responses join their groups
                 revised, refine_metrics = refine.refine_groups(
