@@ -458,13 +458,15 @@ def run(args: argparse.Namespace) -> int:
             check_judge_coverage(rubrics, judge)
         except ValueError as exc:
             raise EvalError(str(exc)) from None
-        out_f = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 - before any compute
-        if out_f:
-            out_f.close()
+        for flag, path_ in (("--out", args.out), ("--samples", args.samples)):  # before any compute is spent
+            if path_:
+                try:
+                    with open(path_, "a", encoding="utf-8"):
+                        pass
+                except OSError as exc:
+                    raise EvalError(f"{flag}: cannot write {path_}: {exc.strerror}") from None
     except EvalError as exc:
         return fail(str(exc))
-    except OSError as exc:
-        return fail(f"--out: cannot write {args.out}: {exc.strerror}")
 
     import torch
 
