@@ -32,10 +32,10 @@ SMALL = ["data.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_ne
 VARIANTS = [
     ("ddp", []),
     ("fsdp2", []),
-    ("ddp", ["algorithm.top_entropy_fraction=0.3", "algorithm.is_cap=null"]),
-    ("fsdp2", ["algorithm.top_entropy_fraction=0.3", "algorithm.estimator=dr_grpo",
-               "algorithm.aggregation=constant"]),
-    ("fsdp2", ["algorithm.aggregation=seq_mean_token_mean", "algorithm.num_iterations=2", "algorithm.is_cap=null"]),
+    ("ddp", ["algorithm.policy_loss.top_entropy_fraction=0.3", "algorithm.is_cap=null"]),
+    ("fsdp2", ["algorithm.policy_loss.top_entropy_fraction=0.3", "algorithm.estimator=dr_grpo",
+               "algorithm.policy_loss.aggregation=constant"]),
+    ("fsdp2", ["algorithm.policy_loss.aggregation=seq_mean_token_mean", "algorithm.num_iterations=2", "algorithm.is_cap=null"]),
 ]
 
 

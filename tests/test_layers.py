@@ -1,6 +1,6 @@
 """The package's layers import only downward, and no module imports itself back through a cycle.
 
-utilities (_native, _native_status, gguf) < reference < kernels < ops < rubric < judges < scoring < trainer
+utilities (settings, _native, _native_status, gguf) < reference < kernels < ops < rubric < judges < scoring < trainer
 < integrations < the commands (cli, selfcheck, bench, compile-check). Read from the source with ``ast`` (every import, also the ones inside
 functions), so a lazy import cannot hide an upward dependency.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"_C": 0, "_native": 0, "_native_status": 0, "gguf": 0, "reference": 1, "kernels": 2, "ops": 3, "rubric": 4, "judges": 5,
+LAYERS = {"_C": 0, "settings": 0, "_native": 0, "_native_status": 0, "gguf": 0, "reference": 1, "kernels": 2, "ops": 3, "rubric": 4, "judges": 5,
           "scoring": 6, "trainer": 7, "integrations": 8}
 TOP = 9  # cli, selfcheck, bench_command, compile_check, ...: may import anything
 

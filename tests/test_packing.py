@@ -66,7 +66,7 @@ def _loss_and_grads(model, cfg, samples, packed: bool, budget: int):
 def test_packed_loss_and_gradients_equal_padded(arch, attn, aggregation):
     cfg = load_config(DEFAULT_CONFIG, SMALL + [f"model.tiny.arch={arch}", f"model.attn_implementation={attn}",
                                                "model.tiny.tie_word_embeddings=false",
-                                               f"algorithm.aggregation={aggregation}"])
+                                               f"algorithm.policy_loss.aggregation={aggregation}"])
     torch.manual_seed(0)
     model = load_policy(cfg.model, build_char_tokenizer(), torch.device("cpu"))
     samples = _samples()
@@ -130,5 +130,5 @@ def test_padding_free_auto_packs_only_with_varlen_attention():
     assert auto.optimization.padding_free == "auto" and not L.padding_free(auto)
     flash = load_config(DEFAULT_CONFIG, SMALL + ["model.attn_implementation=flash_attention_2"])
     assert L.padding_free(flash)
-    with pytest.raises(Exception, match="optimization.padding_free: got 'maybe'; accepted: auto, True, False"):
+    with pytest.raises(Exception, match="optimization.padding_free: got 'maybe'; accepted: auto, true, false"):
         load_config(DEFAULT_CONFIG, SMALL + ["optimization.padding_free=maybe"])

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from methods_helpers import run  # noqa: E402
 
 from rubric_fast.trainer.config import AlgorithmConfig, ConfigError, load_config  # noqa: E402
+from rubric_fast.reference.types import PolicyLossConfig  # noqa: E402
 from rubric_fast.trainer.reference_update import is_due, update_reference  # noqa: E402
 
 
@@ -36,25 +37,25 @@ def test_copy_and_ema_by_hand():
 
 
 def test_schedule():
-    a = AlgorithmConfig(beta=0.1, ref_update_interval=3)
+    a = AlgorithmConfig(policy_loss=PolicyLossConfig(beta=0.1), ref_update_interval=3)
     assert [s for s in range(1, 10) if is_due(a, s)] == [3, 6, 9]
-    a = AlgorithmConfig(beta=0.1, ref_ema=0.9)
+    a = AlgorithmConfig(policy_loss=PolicyLossConfig(beta=0.1), ref_ema=0.9)
     assert all(is_due(a, s) for s in range(1, 5))
-    assert not any(is_due(AlgorithmConfig(beta=0.1), s) for s in range(1, 5))
+    assert not any(is_due(AlgorithmConfig(policy_loss=PolicyLossConfig(beta=0.1)), s) for s in range(1, 5))
 
 
 def test_bad_combinations_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"^algorithm.ref_update_interval: a dynamic reference needs the KL term"):
         load_config(None, ["algorithm.ref_update_interval=5"])
     with pytest.raises(ConfigError, match=r"^algorithm.ref_ema: got 1.0"):
-        load_config(None, ["algorithm.beta=0.1", "algorithm.ref_ema=1.0"])
+        load_config(None, ["algorithm.policy_loss.beta=0.1", "algorithm.ref_ema=1.0"])
     with pytest.raises(ConfigError, match=r"^algorithm.reference: a dynamic reference .* needs reference=copy"):
-        load_config(None, ["algorithm.beta=0.1", "algorithm.ref_ema=0.9", "model.lora.enabled=true"])
-    load_config(None, ["algorithm.beta=0.1", "algorithm.ref_ema=0.9", "model.lora.enabled=true",
+        load_config(None, ["algorithm.policy_loss.beta=0.1", "algorithm.ref_ema=0.9", "model.lora.enabled=true"])
+    load_config(None, ["algorithm.policy_loss.beta=0.1", "algorithm.ref_ema=0.9", "model.lora.enabled=true",
                        "algorithm.reference=copy"])
 
 
-KL = ["algorithm.beta=0.5", "algorithm.kl=k3", "algorithm.drop_zero_variance_groups=false", "rollout.overlap=false",
+KL = ["algorithm.policy_loss.beta=0.5", "algorithm.policy_loss.kl=k3", "algorithm.drop_zero_variance_groups=false", "rollout.overlap=false",
       "optimization.lr=3e-2"]
 
 

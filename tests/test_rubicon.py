@@ -96,7 +96,7 @@ def test_bad_keys_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"^scoring.aggregation.saturation_tau: must be a finite"):
         load_config(None, ["scoring.aggregation={method: rubicon, saturation: exp, saturation_tau: 0}"])
     cfg = load_config(None, ["scoring.aggregation={method: rubicon, saturation: cap, saturation_cap: 2}"])
-    assert cfg.scoring["aggregation"]["saturation"] == "cap"
+    assert cfg.scoring.aggregation["saturation"] == "cap"
 
 
 def test_the_judge_is_asked_for_a_tier_and_the_verdict_is_its_score():

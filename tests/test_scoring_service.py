@@ -215,7 +215,7 @@ def test_tiny_default_rewards_spread_with_rule_judge():
 
 
 def test_build_judge_config_errors():
-    with pytest.raises(ValueError, match="judge.type: must be one of rule, http, hf, embedding"):
+    with pytest.raises(ValueError, match="judge.type: got 'oracle'; accepted: rule, http, hf, embedding"):
         build_judge({"type": "oracle"})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['modle'\]"):
         build_judge({"type": "http", "modle": "x", "endpoints": ["http://a/v1"]})

@@ -32,21 +32,21 @@ def _params(cfg_overrides, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["algorithm.loss=ppo_clip", "algorithm.eps_high=0.28", "algorithm.dual_clip=3.0", "algorithm.delta=2.0"],
-    ["algorithm.loss=cispo", "algorithm.eps_high=4.0"],
-    ["algorithm.loss=sapo"],
-    ["algorithm.loss=gspo", "algorithm.eps_low=3e-4", "algorithm.eps_high=4e-4"],
+    ["algorithm.policy_loss.loss=ppo_clip", "algorithm.policy_loss.eps_high=0.28", "algorithm.policy_loss.dual_clip=3.0", "algorithm.policy_loss.delta=2.0"],
+    ["algorithm.policy_loss.loss=cispo", "algorithm.policy_loss.eps_high=4.0"],
+    ["algorithm.policy_loss.loss=sapo"],
+    ["algorithm.policy_loss.loss=gspo", "algorithm.policy_loss.eps_low=3e-4", "algorithm.policy_loss.eps_high=4e-4"],
     ["algorithm.estimator=grpo", "algorithm.scale=batch"],
-    ["algorithm.estimator=dr_grpo", "algorithm.aggregation=constant"],
+    ["algorithm.estimator=dr_grpo", "algorithm.policy_loss.aggregation=constant"],
     ["algorithm.estimator=rloo"],
     ["algorithm.estimator=w_reinforce", "algorithm.drop_zero_variance_groups=false"],
     ["algorithm.estimator=canon"],
-    ["algorithm.aggregation=seq_mean_token_mean"],
-    ["algorithm.aggregation=seq_mean_token_sum"],
-    ["algorithm.top_entropy_fraction=0.2", "algorithm.entropy_coef=0.01"],
+    ["algorithm.policy_loss.aggregation=seq_mean_token_mean"],
+    ["algorithm.policy_loss.aggregation=seq_mean_token_sum"],
+    ["algorithm.policy_loss.top_entropy_fraction=0.2", "algorithm.policy_loss.entropy_coef=0.01"],
     ["algorithm.num_iterations=2", "optimization.mini_batches=2", "optimization.tokens_per_micro_batch=40"],
-    ["algorithm.beta=0.05", "algorithm.kl=k3", "max_steps=2"],
-    ["model.lora.enabled=true", "algorithm.beta=0.05", "max_steps=2"],
+    ["algorithm.policy_loss.beta=0.05", "algorithm.policy_loss.kl=k3", "max_steps=2"],
+    ["model.lora.enabled=true", "algorithm.policy_loss.beta=0.05", "max_steps=2"],
     ["model.tiny.arch=qwen2", "model.tiny.tie_word_embeddings=false", "rollout.top_p=0.9"],
     ["algorithm.mask_truncated_completions=true", "rollout.overlap=false"],
     ["rollout.scaffold.enabled=true", "max_steps=2"],
@@ -65,7 +65,7 @@ def test_one_step_of_every_variant_updates_the_policy(tmp_path, overrides):
     for key in ("loss", "entropy", "clip_frac_low", "clip_frac_high", "tokens_per_s", "lr", "grad_norm"):
         assert key in last, key
     assert any(k.startswith("pass_rate/") for k in last)
-    if "algorithm.beta=0.05" in overrides:
+    if "algorithm.policy_loss.beta=0.05" in overrides:
         assert last["kl"] is not None and last["kl"] >= 0
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert samples and "verdicts" in json.loads(samples[0])

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+from rubric_fast.settings import check_fields, setting
+
 LOSSES = ("ppo_clip", "cispo", "sapo", "gspo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
@@ -24,7 +26,7 @@ def _check(cond: bool, field: str, msg: str) -> None:
         raise ValueError(f"PolicyLossConfig.{field}: {msg}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PolicyLossConfig:
     """Every variant of the clipped policy loss that the trainer and other trainers need.
 
@@ -60,28 +62,30 @@ class PolicyLossConfig:
         SAPO gate temperatures for positive / negative advantages.
     """
 
-    loss: str = "ppo_clip"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    delta: float | None = None
-    dual_clip: float | None = None
-    beta: float = 0.0
-    kl: str = "k3"
-    entropy_coef: float = 0.0
-    aggregation: str = "token_mean"
-    normalizer: float | None = None
-    top_entropy_fraction: float | None = None
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
+    loss: str = setting("ppo_clip", "the policy loss: ppo_clip (PPO; DAPO's clip-higher with eps_high > eps_low), "
+                        "cispo (MiniMax-M1), sapo (soft gate), gspo (sequence-level ratio)", choices=LOSSES)
+    eps_low: float = setting(0.2, "clip range low side: the ratio is clipped at 1 - eps_low")
+    eps_high: float = setting(0.2, "clip range high side: 1 + eps_high (DAPO clip-higher: 0.28); cispo's only bound")
+    delta: float | None = setting(None, "two-sided clipping (TRL delta, INTELLECT-2): the unclipped ratio is "
+                                  "capped at delta (> 1 + eps_high); null = off")
+    dual_clip: float | None = setting(None, "dual-clip PPO: for negative advantages the loss is at most "
+                                      "dual_clip * |A| (> 1); null = off")
+    beta: float = setting(0.0, "KL penalty weight against the reference policy (0 = no reference model)")
+    kl: str = setting("k3", "KL estimator: k1 = log pi - log ref, k2 = squared, k3 = the unbiased low-variance one",
+                      choices=KL_ESTIMATORS)
+    entropy_coef: float = setting(0.0, "entropy bonus: the per-token loss is reduced by entropy_coef * entropy")
+    aggregation: str = setting("token_mean", "how token losses become the loss: token_mean (DAPO), "
+                               "seq_mean_token_mean (GRPO), seq_mean_token_sum, constant (Dr. GRPO: a sum over "
+                               "max_new_tokens x sequences)", choices=AGGREGATIONS)
+    normalizer: float | None = setting(None, "the loss's denominator", internal="set by the trainer for each "
+                                       "optimizer step (the global token or sequence count)")
+    top_entropy_fraction: float | None = setting(None, "train only on this fraction of the valid tokens with the "
+                                                 "highest entropy (the 80/20 rule); null = every token")
+    sapo_tau_pos: float = setting(1.0, "SAPO gate temperature for positive advantages")
+    sapo_tau_neg: float = setting(1.05, "SAPO gate temperature for negative advantages")
 
     def __post_init__(self) -> None:
-        _check(self.loss in LOSSES, "loss", f"got {self.loss!r}; accepted: {', '.join(LOSSES)}")
-        _check(self.kl in KL_ESTIMATORS, "kl", f"got {self.kl!r}; accepted: {', '.join(KL_ESTIMATORS)}")
-        _check(
-            self.aggregation in AGGREGATIONS,
-            "aggregation",
-            f"got {self.aggregation!r}; accepted: {', '.join(AGGREGATIONS)}",
-        )
+        check_fields(self, "PolicyLossConfig.")  # the declared choices (loss, kl, aggregation)
         for name in ("eps_low", "eps_high", "beta", "entropy_coef", "sapo_tau_pos", "sapo_tau_neg"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and math.isfinite(v), name, f"must be a finite number, got {v!r}")

@@ -78,13 +78,13 @@ tell the same story.
 """
 
 from .cache import VerdictCache, cache_key
-from .config import JUDGE_TYPES, build_judge, build_scorer, build_service, scorer_config
+from .config import JUDGE_TYPES, JudgeConfig, build_judge, build_scorer, build_service, scorer_config
 from .pool import CallPool, TokenBucket
 from .scorer import ScoredGroup, ScoredRollout, ScorerConfig, ScoringError, StreamingScorer
 from .service import ScoringService
 
 __all__ = [
-    "VerdictCache", "cache_key", "JUDGE_TYPES", "build_judge", "build_scorer", "build_service", "scorer_config",
+    "VerdictCache", "cache_key", "JUDGE_TYPES", "JudgeConfig", "build_judge", "build_scorer", "build_service", "scorer_config",
     "CallPool", "TokenBucket", "ScoredGroup", "ScoredRollout", "ScorerConfig", "ScoringError", "StreamingScorer",
     "ScoringService",
 ]

@@ -13,6 +13,7 @@ from rubric_fast.judges.guard import GuardConfig, guard_verdicts, junk_reason
 from rubric_fast.rubric.aggregate import aggregate
 from rubric_fast.rubric.loaders import rubric_from_dict
 from rubric_fast.rubric.schema import Aggregation, Rubric
+from rubric_fast.settings import check_fields, setting
 
 from .audit import JudgeAudit
 from .cache import VerdictCache, cache_key
@@ -22,43 +23,42 @@ class ScoringError(RuntimeError):
     """The scorer stopped: the judge error rate passed ``max_error_rate`` (or the scorer was closed)."""
 
 
+_RATE = dict(check=lambda v: 0.0 <= v <= 1.0, accepts="a number in [0, 1]")
+
+
 @dataclass
 class ScorerConfig:
-    """Everything but the judge. Keys of the ``scoring`` mapping accepted by :func:`build_scorer`."""
+    """``scoring``: everything but the judge (the keys :func:`build_scorer` accepts)."""
 
-    group_size: int | None = None        # default members per group; else pass group_size= or close_group()
-    min_valid: int = 2                   # groups with fewer scored members are dropped (and counted)
-    deadline_s: float = 600.0            # per rollout, from submission: then its unjudged criteria fail
-    max_error_rate: float = 0.5          # fraction of failed rollouts (over the last error_window) that stops the run
-    error_window: int = 200
-    error_min_samples: int = 50          # no stop before this many rollouts have finished
-    guard: Any = True                    # true / false / a mapping of GuardConfig keys (rubric_fast.judges.guard)
-    cache_path: str | None = None        # SQLite file; None = no cache
-    aggregation: dict | None = None      # override every rubric's aggregation block
-    deliver_dropped: bool = False        # also hand out dropped groups (with dropped=True)
-    audit_rate: float = 0.02             # canary requests per scored rollout (rubric_fast.scoring.audit); 0 = off
-    audit_max_false_pass: float = 0.25   # an endpoint that passes more content-free canaries is drained / stops the run
-    audit_min_samples: int = 20          # canary verdicts per endpoint before it can be judged
-    audit_seed: int = 0
+    group_size: int | None = setting(None, "members per group; null = pass group_size= or close_group()",
+                                     check=lambda v: v >= 1, accepts="an integer >= 1 or null")
+    min_valid: int = setting(2, "groups with fewer scored members are dropped (and counted)",
+                             check=lambda v: v >= 0, accepts="an integer >= 0")
+    deadline_s: float = setting(600.0, "seconds per response from its submission; then its unjudged criteria "
+                                "fail (never a 0)", check=lambda v: v > 0, accepts="a number of seconds > 0")
+    max_error_rate: float = setting(0.5, "fraction of failed responses (over the last error_window) that stops "
+                                    "the run", **_RATE)
+    error_window: int = setting(200, "responses the error rate is measured over", check=lambda v: v >= 1,
+                                accepts="an integer >= 1")
+    error_min_samples: int = setting(50, "no stop before this many responses have finished",
+                                     check=lambda v: v >= 0, accepts="an integer >= 0")
+    guard: Any = setting(True, "the junk guard: true, false, or a mapping of GuardConfig keys "
+                         "(rubric_fast.judges.guard)")
+    cache_path: str | None = setting(None, "SQLite verdict cache; null = none")
+    aggregation: dict | None = setting(None, "an aggregation block that overrides every rubric's (e.g. {method: "
+                                       "weighted_mean})")
+    deliver_dropped: bool = setting(False, "also hand out dropped groups (with dropped=True)")
+    audit_rate: float = setting(0.02, "canary requests per scored response (rubric_fast.scoring.audit); 0 = off",
+                                **_RATE)
+    audit_max_false_pass: float = setting(0.25, "an endpoint that passes a larger share of content-free canaries "
+                                          "is drained, or stops the run", **_RATE)
+    audit_min_samples: int = setting(20, "canary verdicts per endpoint before it can be judged",
+                                     check=lambda v: v >= 1, accepts="an integer >= 1")
+    audit_seed: int = setting(0, "seed of the canary choice")
 
     def validate(self) -> None:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"scoring.{key}: {msg}")
-
-        need(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 1),
-             "group_size", f"must be an integer >= 1 or null, got {self.group_size!r}")
-        need(isinstance(self.min_valid, int) and self.min_valid >= 0, "min_valid",
-             f"must be an integer >= 0, got {self.min_valid!r}")
-        need(self.deadline_s > 0, "deadline_s", f"must be > 0 seconds, got {self.deadline_s!r}")
-        need(0.0 <= self.max_error_rate <= 1.0, "max_error_rate", f"must lie in [0, 1], got {self.max_error_rate!r}")
-        need(self.error_window >= 1, "error_window", "must be >= 1")
-        need(isinstance(self.audit_rate, (int, float)) and 0.0 <= self.audit_rate <= 1.0, "audit_rate",
-             f"must lie in [0, 1], got {self.audit_rate!r}")
-        need(isinstance(self.audit_max_false_pass, (int, float)) and 0.0 <= self.audit_max_false_pass <= 1.0,
-             "audit_max_false_pass", f"must lie in [0, 1], got {self.audit_max_false_pass!r}")
-        need(isinstance(self.audit_min_samples, int) and self.audit_min_samples >= 1, "audit_min_samples",
-             f"must be an integer >= 1, got {self.audit_min_samples!r}")
+        """ValueError naming ``scoring.<key>`` (the declared checks, the guard and the aggregation block)."""
+        check_fields(self, "scoring.")
         GuardConfig.from_value(self.guard)
         if self.aggregation is not None:
             Aggregation.from_dict(self.aggregation, key="scoring.aggregation")

@@ -21,16 +21,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from rubric_fast.settings import setting
+
 _TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 @dataclass
 class CalibrationConfig:
-    enabled: bool = False
-    tag: str = "confidence"              # the response ends with <confidence>0.8</confidence>
-    correct_threshold: float = 0.5       # correct = rubric reward >= this (when no correct_criterion)
-    correct_criterion: str | None = None  # correct = this criterion met (its verdict score >= 0.5)
-    format_reward: float = -1.0          # reward of a response without one well-formed confidence
+    """RLCR (Damani et al. 2025): the response states its confidence; the reward adds a Brier score (docs/methods.md)."""
+
+    enabled: bool = setting(False, "RLCR: reward correctness plus a Brier score of the stated confidence")
+    tag: str = setting("confidence", "the response ends with <confidence>0.8</confidence>")
+    correct_threshold: float = setting(0.5, "correct = rubric reward >= this (when no correct_criterion)")
+    correct_criterion: str | None = setting(None, "correct = this criterion met (its verdict score >= 0.5)")
+    format_reward: float = setting(-1.0, "reward of a response without one well-formed confidence")
 
 
 def check_config(c: CalibrationConfig, key: str = "reward.calibration") -> None:

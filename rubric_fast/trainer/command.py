@@ -27,9 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "may be omitted when only key=value overrides follow")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides parsed as YAML scalars, e.g. optimization.lr=1e-5 max_steps=50")
+    parser.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
+                        help="print every config key (type, default, help, accepted values) and exit; "
+                             "SECTION (e.g. algorithm.policy_loss or judge) prints one section")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "help_config", None) is not None:
+        from .config import help_config
+
+        text = help_config(args.help_config or None)
+        if not text.strip():
+            print(f"rubric-fast train: --help-config: no config key or section {args.help_config!r}; "
+                  "see rubric-fast train --help-config", file=sys.stderr)
+            return 2
+        sys.stdout.write(text)
+        return 0
     config, overrides = args.config, list(args.overrides or [])
     if config is not None and "=" in config:  # `rubric-fast train max_steps=20`: no config, only overrides
         config, overrides = None, [config] + overrides

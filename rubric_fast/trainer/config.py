@@ -15,14 +15,18 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rubric_fast.reference.group_advantages import ESTIMATORS, SCALES
-from rubric_fast.reference.types import AGGREGATIONS, KL_ESTIMATORS, LOSSES
+from rubric_fast.reference.types import PolicyLossConfig
+from rubric_fast.rubric.loaders import FORMATS
+from rubric_fast.scoring.config import JudgeConfig
+from rubric_fast.scoring.scorer import ScorerConfig
+from rubric_fast.settings import as_dict as settings_dict, check_tree, format_help, setting
 
 from .calibration import CalibrationConfig
 from .empg import EMPGConfig
@@ -54,48 +58,70 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ sections
+# Every field is declared once: type (the annotation), default, help and check (rubric_fast/settings.py).
+# ``rubric-fast train --help-config`` prints them; docs/config.md maps TRL's GRPOConfig names to these keys.
+_INT_GE1 = dict(check=lambda v: v >= 1, accepts="an integer >= 1")
+_INT_GE0 = dict(check=lambda v: v >= 0, accepts="an integer >= 0")
+_POS = dict(check=lambda v: v > 0, accepts="a number > 0")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class TinyModelConfig:
     """Shape of the built-in tiny model (``model.name_or_path: tiny``): built from a config, no download."""
 
-    arch: str = "llama"                 # llama | qwen2
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 128
-    tie_word_embeddings: bool = True
+    arch: str = setting("llama", "the transformers architecture", choices=("llama", "qwen2"))
+    hidden_size: int = setting(64, "hidden size (a multiple of num_heads)", **_INT_GE1)
+    num_layers: int = setting(2, "decoder layers", **_INT_GE1)
+    num_heads: int = setting(4, "attention heads", **_INT_GE1)
+    intermediate_size: int = setting(128, "MLP width", **_INT_GE1)
+    tie_word_embeddings: bool = setting(True, "the LM head shares the embedding matrix")
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """LoRA adapters on the policy (the ``lora`` extra: peft); only the adapters train."""
+
+    enabled: bool = setting(False, "train LoRA adapters instead of every weight")
+    r: int = setting(8, "adapter rank", **_INT_GE1)
+    alpha: float = setting(16.0, "adapter scale numerator (the update is scaled by alpha / r)", **_POS)
+    dropout: float = setting(0.0, "dropout on the adapter input", check=lambda v: 0 <= v < 1,
+                             accepts="a number in [0, 1)")
+    target_modules: list[str] = setting(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        help="module names that get adapters")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "tiny"          # an HF hub id / local directory, ``pkg:<package>`` (its folder), or ``tiny``
-    tokenizer: str | None = None        # defaults to name_or_path; ``tiny`` uses a char-level tokenizer
-    gguf_file: str | None = None        # a .gguf in name_or_path (or ``auto``): loaded dequantized (rubric_fast/gguf.py)
-    chat_template: str | None = None    # a Jinja chat template (or a file holding one) replacing the tokenizer's
-    dtype: str = "float32"              # float32 | bfloat16 | float16
-    attn_implementation: str = "auto"   # auto (flash_attention_2 when flash-attn is installed, else sdpa) | sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The policy."""
+
+    name_or_path: str = setting("tiny", "a Hugging Face hub id or local folder, pkg:<package> (an installed "
+                                "package's folder), or tiny (built from model.tiny, no download)")
+    tokenizer: str | None = setting(None, "tokenizer id or folder; null = name_or_path (tiny: a char-level one)")
+    gguf_file: str | None = setting(None, "a .gguf file in name_or_path (or auto: the only one), loaded "
+                                    "dequantized (rubric_fast/gguf.py)")
+    chat_template: str | None = setting(None, "a Jinja chat template (or a file holding one) replacing the "
+                                        "tokenizer's; message prompts need one")
+    dtype: str = setting("float32", "weights and compute dtype", choices=_DTYPES)
+    attn_implementation: str = setting("auto", "attention kernels: auto = flash_attention_2 when flash-attn is "
+                                       "installed, else sdpa", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward (less memory)")
+    trust_remote_code: bool = setting(False, "let transformers run the model repository's own code")
+    tiny: TinyModelConfig = setting(factory=TinyModelConfig)
+    lora: LoraConfig = setting(factory=LoraConfig)
 
 
 @dataclass
 class DataConfig:
-    path: str = str(DEFAULT_DATASET)    # a rubric dataset (rubric_fast jsonl, HealthBench, RaR, verl parquet, ...)
-    format: str = "auto"                # see rubric_fast.rubric.FORMATS
-    prompts_per_step: int = 8           # for the whole job, split evenly over the ranks (a multiple of the world size)
-    shuffle: bool = True
-    split: str | None = None            # train only on the prompts whose meta.split is this (e.g. train); null = all
+    """The training prompts and their rubrics."""
+
+    path: str = setting(str(DEFAULT_DATASET), "a rubric dataset (rubric_fast jsonl, HealthBench, RaR, verl "
+                        "parquet, OpenRubrics); relative paths in a config file may be relative to the file")
+    format: str = setting("auto", "the dataset's format; auto = from the file", choices=FORMATS)
+    prompts_per_step: int = setting(8, "prompts per step for the whole job, split evenly over the ranks (a "
+                                    "multiple of the world size)", **_INT_GE1)
+    shuffle: bool = setting(True, "shuffle the prompts every epoch (seeded)")
+    split: str | None = setting(None, "train only on the prompts whose meta.split is this (e.g. train); null = all")
 
 
 @dataclass
@@ -104,222 +130,184 @@ class ScaffoldConfig:
     rollout only; sample i of a group of n sees a share (n-1-i)/(n-1) of them, times a sigmoid schedule
     ``1 / (1 + exp(steepness * (progress - midpoint)))`` that decays over training."""
 
-    enabled: bool = False
-    midpoint: float = 0.5               # training progress (0..1) at which the schedule is 0.5
-    steepness: float = 10.0
+    enabled: bool = setting(False, "show rubric criteria to the sampler (needs algorithm.is_cap)")
+    midpoint: float = setting(0.5, "training progress at which the schedule is 0.5",
+                              check=lambda v: 0 <= v <= 1, accepts="a number in [0, 1]")
+    steepness: float = setting(10.0, "how fast the schedule decays around the midpoint")
 
 
 @dataclass
 class VLLMRolloutConfig:
     """``rollout.engine: vllm`` (rubric_fast/trainer/vllm_engine.py)."""
 
-    mode: str = "colocate"              # colocate (a vllm.LLM in each trainer process) | server (vllm serve URLs)
-    endpoints: list[str] = field(default_factory=list)  # server: base URLs, e.g. [http://127.0.0.1:8000]
-    sync_dir: str | None = None         # server: where pushed weights are written (readable by the servers);
-                                        # default <run_dir>/vllm_weights
-    timeout_s: float = 600.0            # server: per request (generation, weight push)
-    tensor_parallel_size: int = 1       # colocate
-    gpu_memory_utilization: float = 0.3  # colocate on CUDA: vLLM's share of the GPU (weights + KV cache)
-    sleep: bool | str = "auto"          # colocate on CUDA: release vLLM's memory during the update (auto = on CUDA)
-    kv_cache_gb: float | None = None    # colocate: explicit KV cache size (the CPU build's default is 4 GiB)
-    max_model_len: int | None = None    # colocate: default the model's
-    enforce_eager: bool = True          # colocate: no CUDA graphs (they cost memory and capture time per start)
+    mode: str = setting("colocate", "colocate: a vllm.LLM in each trainer process; server: vllm serve URLs",
+                        choices=("colocate", "server"))
+    endpoints: list[str] = setting(factory=list, help="server: base URLs, e.g. [http://127.0.0.1:8000]")
+    sync_dir: str | None = setting(None, "server: where pushed weights are written (readable by the servers); "
+                                   "null = <run_dir>/vllm_weights")
+    timeout_s: float = setting(600.0, "server: seconds per request (generation, weight push)", **_POS)
+    tensor_parallel_size: int = setting(1, "colocate: tensor-parallel GPUs per engine", **_INT_GE1)
+    gpu_memory_utilization: float = setting(0.3, "colocate on CUDA: vLLM's share of the GPU (weights + KV cache)",
+                                            check=lambda v: 0 < v <= 1, accepts="a number in (0, 1]")
+    sleep: bool | str = setting("auto", "colocate on CUDA: release vLLM's memory during the update (auto = on "
+                                "CUDA)", choices=("auto", True, False))
+    kv_cache_gb: float | None = setting(None, "colocate: KV cache size in GiB (the CPU build's default is 4)",
+                                        **_POS)
+    max_model_len: int | None = setting(None, "colocate: longest sequence; null = the model's", **_INT_GE1)
+    enforce_eager: bool = setting(True, "colocate: no CUDA graphs (they cost memory and capture time per start)")
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"                  # hf (transformers generate on the policy) | vllm (see rollout.vllm)
-    num_generations: int = 8            # G, completions per prompt
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                      # 0 = off
-    batch_size: int = 64                # sequences per generate() call
-    overlap: bool = True                # generate step k+1 while step k is being scored
-    max_staleness: int = 1              # drop samples more than this many policy versions old
-    scaffold: ScaffoldConfig = field(default_factory=ScaffoldConfig)
-    vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
-    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)   # trainer/multiturn.py
-    refine: RefineConfig = field(default_factory=RefineConfig)            # RGR refinements (trainer/refine.py)
+    """Sampling the completions."""
+
+    engine: str = setting("hf", "hf: transformers generate on the policy; vllm: see rollout.vllm",
+                          choices=("hf", "vllm"))
+    num_generations: int = setting(8, "G, completions per prompt (a group)", check=lambda v: v >= 2,
+                                   accepts="an integer >= 2 (a group needs a baseline)")
+    max_new_tokens: int = setting(256, "longest completion", **_INT_GE1)
+    temperature: float = setting(1.0, "sampling temperature; the loss's log-probs use the same one", **_POS)
+    top_p: float = setting(1.0, "nucleus sampling", check=lambda v: 0 < v <= 1, accepts="a number in (0, 1]")
+    top_k: int = setting(0, "top-k sampling; 0 = off", **_INT_GE0)
+    batch_size: int = setting(64, "sequences per generate() call", **_INT_GE1)
+    overlap: bool = setting(True, "generate step k+1 while step k is being scored")
+    max_staleness: int = setting(1, "drop samples more than this many policy versions old", **_INT_GE0)
+    scaffold: ScaffoldConfig = setting(factory=ScaffoldConfig)
+    vllm: VLLMRolloutConfig = setting(factory=VLLMRolloutConfig)
+    multiturn: MultiTurnConfig = setting(factory=MultiTurnConfig)
+    refine: RefineConfig = setting(factory=RefineConfig)
 
 
 @dataclass
 class AlgorithmConfig:
-    # PolicyLossConfig fields (rubric_fast.reference.types)
-    loss: str = "ppo_clip"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    delta: float | None = None
-    dual_clip: float | None = None
-    beta: float = 0.0
-    kl: str = "k3"
-    entropy_coef: float = 0.0
-    aggregation: str = "token_mean"
-    top_entropy_fraction: float | None = None
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
+    """The RL algorithm: the policy loss, the advantages and the update loop (docs/methods.md)."""
+
+    policy_loss: PolicyLossConfig = setting(factory=PolicyLossConfig, help="the clipped policy loss, as the ops "
+                                            "take it (rubric_fast.PolicyLossConfig)")
     # advantages
-    estimator: str = "grpo"
-    scale: str | None = None            # None = the estimator's default
-    adv_eps: float = 1e-6
-    positive_weight: float = 0.1        # W-REINFORCE lambda
+    estimator: str = setting("grpo", "group advantage estimator", choices=ESTIMATORS)
+    scale: str | None = setting(None, "advantage scaling; null = the estimator's default",
+                                choices=SCALES + (None,))
+    adv_eps: float = setting(1e-6, "added to the std before dividing", **_POS)
+    positive_weight: float = setting(0.1, "W-REINFORCE lambda (weight of positive samples)")
     # loop
-    num_iterations: int = 1             # optimisation passes over each rollout batch (mu in GRPO)
-    mask_truncated_completions: bool = False
-    drop_zero_variance_groups: bool = True
-    reference: str = "auto"             # auto | copy | lora_base (used only when beta > 0)
-    is_cap: float | None = 2.0          # truncated importance weight cap vs the sampler; null = off
-    advantage_sign: float = 1.0         # -1 flips advantages: a control that must not learn (tests)
-    # OREAL sample weighting (trainer/oreal.py): A *= positive / negative factor by sign; best + worst only
-    positive_loss_factor: float = 1.0
-    negative_loss_factor: float = 1.0
-    best_worst_only: bool = False
-    # dynamic KL reference (T1; trainer/reference_update.py): copy every N steps, or an EMA of the policy
-    ref_update_interval: int = 0        # 0 = never (with ref_ema set: every step)
-    ref_ema: float | None = None        # theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta
-    empg: EMPGConfig = field(default_factory=EMPGConfig)  # entropy-modulated per-step advantages (multi-turn)
+    num_iterations: int = setting(1, "optimization passes over each rollout batch (mu in GRPO)", **_INT_GE1)
+    mask_truncated_completions: bool = setting(False, "completions cut at max_new_tokens get no loss (DAPO)")
+    drop_zero_variance_groups: bool = setting(True, "skip groups whose advantages are all 0 (no signal)")
+    reference: str = setting("auto", "the KL reference when policy_loss.beta > 0: a frozen copy, or the LoRA "
+                             "base (adapters off); auto = lora_base with LoRA", choices=("auto", "copy", "lora_base"))
+    is_cap: float | None = setting(2.0, "truncated importance weight min(pi_old / pi_sampler, is_cap) against "
+                                   "the sampler's log-probs; null = off", **_POS)
+    advantage_sign: float = setting(1.0, "-1 flips the advantages: a control that must not learn (tests)",
+                                    check=lambda v: v in (1.0, -1.0), accepts="1 or -1")
+    # OREAL sample weighting (trainer/oreal.py)
+    positive_loss_factor: float = setting(1.0, "OREAL: advantages > 0 are multiplied by this")
+    negative_loss_factor: float = setting(1.0, "OREAL: advantages < 0 are multiplied by this")
+    best_worst_only: bool = setting(False, "OREAL: train on each group's best and worst response only")
+    # dynamic KL reference (T1; trainer/reference_update.py)
+    ref_update_interval: int = setting(0, "copy the policy into the reference every N steps; 0 = never (with "
+                                       "ref_ema set: every step)", **_INT_GE0)
+    ref_ema: float | None = setting(None, "theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta; null = off")
+    empg: EMPGConfig = setting(factory=EMPGConfig, help="entropy-modulated per-step advantages (multi-turn)")
 
 
 @dataclass
 class OptimizationConfig:
-    lr: float = 1e-6
-    schedule: str = "constant"          # constant | linear | cosine
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    tokens_per_micro_batch: int = 8192  # tokens per forward/backward (padding included when padding_free is off)
-    # pack sequences back to back in one row with per-sequence position ids (no padding): auto = with
-    # flash_attention_2 (varlen kernels: no work across sequences); true = also with sdpa / eager (exact, via a
-    # block-diagonal mask, but that mask's attention is quadratic in the row: it pays on the CPU only for short rows)
-    padding_free: bool | str = "auto"   # auto | true | false
-    mini_batches: int = 1               # optimizer steps per rollout batch and iteration
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    """The optimizer (AdamW) and the micro-batches."""
+
+    lr: float = setting(1e-6, "learning rate", **_POS)
+    schedule: str = setting("constant", "learning-rate schedule after the warmup",
+                            choices=("constant", "linear", "cosine"))
+    warmup_steps: int = setting(0, "linear warmup steps", **_INT_GE0)
+    grad_clip: float | None = setting(1.0, "gradient norm clip; null = off", **_POS)
+    tokens_per_micro_batch: int = setting(8192, "tokens per forward/backward (padding included when "
+                                          "padding_free is off)", **_INT_GE1)
+    padding_free: bool | str = setting("auto", "pack sequences back to back in one row with per-sequence position "
+                                       "ids: auto = with flash_attention_2 (varlen kernels); true = also with sdpa "
+                                       "/ eager (exact, via a block-diagonal mask whose attention is quadratic in "
+                                       "the row)", choices=("auto", True, False))
+    mini_batches: int = setting(1, "optimizer steps per rollout batch and iteration", **_INT_GE1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", check=lambda v: v >= 0, accepts="a number >= 0")
+    adam_beta1: float = setting(0.9, "AdamW beta1", check=lambda v: 0 <= v < 1, accepts="a number in [0, 1)")
+    adam_beta2: float = setting(0.999, "AdamW beta2", check=lambda v: 0 <= v < 1, accepts="a number in [0, 1)")
+    adam_eps: float = setting(1e-8, "AdamW epsilon", **_POS)
 
 
 @dataclass
 class DistributedConfig:
     """Rank and world size come from the torchrun environment; these choose how the ranks cooperate."""
 
-    strategy: str = "ddp"               # ddp (replicated, bucketed gradient all-reduce) | fsdp2 (fully_shard)
-    backend: str = "auto"               # auto (nccl on CUDA, else gloo) | nccl | gloo
-    timeout_s: float = 600.0            # every collective; a dead or stuck rank ends the run with an error
-    bucket_mb: float = 25.0             # ddp: gradient all-reduce bucket size (MiB)
-    fsdp_param_dtype: str | None = None     # fsdp2 MixedPrecisionPolicy: compute dtype (null = model.dtype)
-    fsdp_reduce_dtype: str | None = "float32"  # fsdp2: gradient reduce-scatter dtype (null = param dtype)
-    fsdp_reshard_after_forward: bool = True    # fsdp2: free gathered layers after forward (less memory)
+    strategy: str = setting("ddp", "ddp: replicated weights, bucketed gradient all-reduce; fsdp2: fully_shard",
+                            choices=("ddp", "fsdp2"))
+    backend: str = setting("auto", "process group backend; auto = nccl on CUDA, else gloo",
+                           choices=("auto", "nccl", "gloo"))
+    timeout_s: float = setting(600.0, "seconds for every collective; a dead or stuck rank ends the run with an "
+                               "error", **_POS)
+    bucket_mb: float = setting(25.0, "ddp: gradient all-reduce bucket size (MiB)", **_POS)
+    fsdp_param_dtype: str | None = setting(None, "fsdp2 MixedPrecisionPolicy: compute dtype; null = model.dtype",
+                                           choices=(None,) + _DTYPES)
+    fsdp_reduce_dtype: str | None = setting("float32", "fsdp2: gradient reduce-scatter dtype; null = the "
+                                            "parameter dtype", choices=(None,) + _DTYPES)
+    fsdp_reshard_after_forward: bool = setting(True, "fsdp2: free gathered layers after the forward (less memory)")
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None              # default: <run_dir>/checkpoints
-    every: int = 0                      # save every N steps (0 = only at the end)
-    keep_last: int = 2
-    resume: str = "auto"                # auto | never | a checkpoint directory
-    save_final: bool = True
-    export_hf: bool = False             # at the end of training, write the policy in HF format (rubric-fast export)
-    export_dir: str | None = None       # where export_hf writes; default: <run_dir>/hf
+    """Checkpoints (bitwise-exact resume) and the final export."""
+
+    dir: str | None = setting(None, "where checkpoints go; null = <run_dir>/checkpoints")
+    every: int = setting(0, "save every N steps; 0 = only at the end", **_INT_GE0)
+    keep_last: int = setting(2, "checkpoints kept", **_INT_GE1)
+    resume: str = setting("auto", "auto (the newest checkpoint in dir, if any), never, or a checkpoint folder")
+    save_final: bool = setting(True, "save a checkpoint after the last step")
+    export_hf: bool = setting(False, "at the end of training, write the policy as a Hugging Face folder "
+                              "(as rubric-fast export does)")
+    export_dir: str | None = setting(None, "where export_hf writes; null = <run_dir>/hf")
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    every: int = 1
-    samples_every: int = 10
-    num_samples: int = 4
-    tensorboard: bool = True
-    progress: bool = True
-    overwrite: bool = False             # replace a previous run in run_dir (else it is refused unless resumed)
+    """Metrics, samples and the run folder."""
+
+    run_dir: str = setting("runs/default", "the run folder: config, metrics.jsonl, samples, checkpoints")
+    every: int = setting(1, "log metrics every N steps", **_INT_GE1)
+    samples_every: int = setting(10, "log sample responses every N steps; 0 = never", **_INT_GE0)
+    num_samples: int = setting(4, "responses per sample log", **_INT_GE0)
+    tensorboard: bool = setting(True, "also write TensorBoard events")
+    progress: bool = setting(True, "a progress bar on the terminal")
+    overwrite: bool = setting(False, "replace a previous run in run_dir (else it is refused unless resumed)")
 
 
 @dataclass
 class RewardConfig:
     """How the judged rubric becomes the training reward (docs/methods.md)."""
 
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)   # RLCR
-    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)            # OpenRubrics / Rubric-RM
+    calibration: CalibrationConfig = setting(factory=CalibrationConfig, help="RLCR: calibrated confidence reward")
+    pairwise: PairwiseConfig = setting(factory=PairwiseConfig, help="OpenRubrics / Rubric-RM pairwise judging")
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    judge: dict[str, Any] = field(default_factory=lambda: {"type": "rule"})      # to rubric_fast.scoring.build_judge
-    scoring: dict[str, Any] = field(default_factory=dict)                        # ScorerConfig keys (rubric_fast.scoring)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)    # held-out evaluation (trainer/evaluate.py)
-    seed: int = 0
-    max_steps: int = 100
-    max_nan_steps: int = 5              # consecutive non-finite losses before the run stops
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    cpu_threads: int = 0                # torch intra-op threads on the CPU; 0 = torch's default
+    """``rubric-fast train`` configuration."""
 
-
-CHOICES: dict[str, tuple] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "model.tiny.arch": ("llama", "qwen2"),
-    "data.format": ("auto", "healthbench", "rar", "verl", "openrubrics", "rubric_fast"),
-    "rollout.engine": ("hf", "vllm"),
-    "rollout.vllm.mode": ("colocate", "server"),
-    "rollout.vllm.sleep": ("auto", True, False),
-    "algorithm.loss": LOSSES,
-    "algorithm.kl": KL_ESTIMATORS,
-    "algorithm.aggregation": AGGREGATIONS,
-    "algorithm.estimator": ESTIMATORS,
-    "algorithm.scale": SCALES + (None,),
-    "algorithm.reference": ("auto", "copy", "lora_base"),
-    "optimization.schedule": ("constant", "linear", "cosine"),
-    "optimization.padding_free": ("auto", True, False),
-    "distributed.strategy": ("ddp", "fsdp2"),
-    "distributed.backend": ("auto", "nccl", "gloo"),
-    "distributed.fsdp_param_dtype": (None, "float32", "bfloat16", "float16"),
-    "distributed.fsdp_reduce_dtype": (None, "float32", "bfloat16", "float16"),
-}
-
-# key -> (predicate, description of the accepted values)
-RANGES: dict[str, tuple[Any, str]] = {
-    "rollout.num_generations": (lambda v: v >= 2, "an integer >= 2 (a group needs a baseline)"),
-    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout.temperature": (lambda v: v > 0, "a number > 0"),
-    "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "rollout.top_k": (lambda v: v >= 0, "an integer >= 0"),
-    "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout.max_staleness": (lambda v: v >= 0, "an integer >= 0"),
-    "rollout.vllm.tensor_parallel_size": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout.vllm.gpu_memory_utilization": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "rollout.vllm.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
-    "rollout.vllm.kv_cache_gb": (lambda v: v is None or v > 0, "a number of GiB > 0 or null"),
-    "data.prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
-    "algorithm.num_iterations": (lambda v: v >= 1, "an integer >= 1"),
-    "algorithm.is_cap": (lambda v: v is None or v > 0, "a number > 0 or null"),
-    "algorithm.advantage_sign": (lambda v: v in (1.0, -1.0), "1 or -1"),
-    "algorithm.adv_eps": (lambda v: v > 0, "a number > 0"),
-    "optimization.lr": (lambda v: v > 0, "a number > 0"),
-    "optimization.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "optimization.grad_clip": (lambda v: v is None or v > 0, "a number > 0 or null"),
-    "optimization.tokens_per_micro_batch": (lambda v: v >= 1, "an integer >= 1"),
-    "optimization.mini_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "optimization.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "distributed.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
-    "distributed.bucket_mb": (lambda v: v > 0, "a number of MiB > 0"),
-    "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
-    "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
-    "logging.every": (lambda v: v >= 1, "an integer >= 1"),
-    "logging.samples_every": (lambda v: v >= 0, "an integer >= 0 (0 = never)"),
-    "max_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "max_nan_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "cpu_threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch's default)"),
-    "model.lora.r": (lambda v: v >= 1, "an integer >= 1"),
-    "model.tiny.num_layers": (lambda v: v >= 1, "an integer >= 1"),
-}
+    model: ModelConfig = setting(factory=ModelConfig)
+    data: DataConfig = setting(factory=DataConfig)
+    rollout: RolloutConfig = setting(factory=RolloutConfig)
+    judge: JudgeConfig = setting(factory=JudgeConfig)
+    scoring: ScorerConfig = setting(factory=ScorerConfig)
+    algorithm: AlgorithmConfig = setting(factory=AlgorithmConfig)
+    reward: RewardConfig = setting(factory=RewardConfig)
+    optimization: OptimizationConfig = setting(factory=OptimizationConfig)
+    distributed: DistributedConfig = setting(factory=DistributedConfig)
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
+    logging: LoggingConfig = setting(factory=LoggingConfig)
+    eval: EvalConfig = setting(factory=EvalConfig, help="held-out evaluation (trainer/evaluate.py)")
+    seed: int = setting(0, "the run's seed (sampling uses seed + rank)")
+    max_steps: int = setting(100, "training steps", **_INT_GE1)
+    max_nan_steps: int = setting(5, "consecutive non-finite losses before the run stops", **_INT_GE1)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", check=lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
+                          accepts="auto, cpu, cuda or cuda:N")
+    cpu_threads: int = setting(0, "torch intra-op threads on the CPU; 0 = torch's default", **_INT_GE0)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -402,8 +390,13 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> N
     fields = _fields(type(obj))
     for name, value in data.items():
         key = prefix + str(name)
+        if isinstance(obj, AlgorithmConfig) and name in _MOVED_TO_POLICY_LOSS:
+            _moved(key, source)
+            _apply(obj.policy_loss, {name: value}, key.rsplit(".", 1)[0] + ".policy_loss.", source)
+            continue
         if name not in fields:
             raise _unknown(key, str(name), list(fields), source)
+        _internal(fields[name][0], key, source)
         _, tp = fields[name]
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
@@ -412,9 +405,32 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> N
             setattr(obj, name, _coerce(value, tp, key, source))
 
 
+# Keys of algorithm.policy_loss that used to sit directly under algorithm: still read there, with a warning.
+_MOVED_TO_POLICY_LOSS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig) if "internal" not in f.metadata)
+_warned: set[str] = set()
+
+
+def _moved(key: str, source: str | None) -> None:
+    new = key.rsplit(".", 1)[0] + ".policy_loss." + key.rsplit(".", 1)[1]
+    if key not in _warned:
+        _warned.add(key)
+        import logging
+
+        logging.getLogger("rubric_fast").warning("%s%s is now %s; please rename it", _where(source), key, new)
+
+
+def _internal(f: dataclasses.Field, key: str, source: str | None) -> None:
+    if "internal" in f.metadata:
+        raise ConfigError(f"{_where(source)}{key}: not a setting: {f.metadata['internal']}")
+
+
 def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None) -> None:
-    """Set one dotted key (``algorithm.loss``); keys below a dict section (``judge.model``) are free."""
+    """Set one dotted key (``algorithm.policy_loss.loss``); keys below a mapping-typed key are free."""
     parts = dotted.split(".")
+    if len(parts) >= 2 and parts[0] == "algorithm" and parts[1] in _MOVED_TO_POLICY_LOSS:
+        _moved(".".join(parts[:2]), source)
+        parts = ["algorithm", "policy_loss"] + parts[1:]
+        dotted = ".".join(parts)
     obj: Any = cfg
     for i, part in enumerate(parts[:-1]):
         if isinstance(obj, dict):
@@ -423,7 +439,15 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None
         fields = _fields(type(obj))
         if part not in fields:
             raise _unknown(".".join(parts[:i + 1]), part, list(fields), source)
-        obj = getattr(obj, part)
+        child = getattr(obj, part)
+        if not dataclasses.is_dataclass(child) and not isinstance(child, dict):
+            if fields[part][1] not in (Any, dict) and typing.get_origin(fields[part][1]) is not dict \
+                    and "dict" not in str(fields[part][1]):
+                raise ConfigError(f"{_where(source)}{'.'.join(parts[:i + 1])}: not a section (a "
+                                  f"{_type_name(fields[part][1])}); set it as {'.'.join(parts[:i + 1])}=VALUE")
+            child = {}  # a mapping-valued key (e.g. scoring.guard) given key by key
+            setattr(obj, part, child)
+        obj = child
     last = parts[-1]
     if isinstance(obj, dict):
         obj[last] = value
@@ -431,6 +455,7 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None
     fields = _fields(type(obj))
     if last not in fields:
         raise _unknown(dotted, last, list(fields), source)
+    _internal(fields[last][0], dotted, source)
     if dataclasses.is_dataclass(getattr(obj, last)):
         _apply(getattr(obj, last), value, dotted + ".", source)
     else:
@@ -533,37 +558,39 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` naming the key and the accepted values."""
-    for key, allowed in CHOICES.items():
-        v = _get(cfg, key)
-        if v not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"{key}: got {v!r}; accepted: {shown}")
-    for key, (ok, desc) in RANGES.items():
-        v = _get(cfg, key)
-        if not ok(v):
-            raise ConfigError(f"{key}: got {v!r}; expected {desc}")
+    """Raise :class:`ConfigError` naming the key and the accepted values: every field's declared check
+    (rubric_fast/settings.py), then the rules between keys."""
+    try:
+        check_tree(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     a = cfg.algorithm
     if a.estimator == "dr_grpo" and a.scale not in (None, "none"):
         raise ConfigError("algorithm.scale: Dr. GRPO removes the std normalisation; use null or none")
     try:
         policy_loss_config(cfg)
     except ValueError as exc:  # PolicyLossConfig's own checks name the field
-        raise ConfigError(f"algorithm.{str(exc).removeprefix('PolicyLossConfig.')}") from None
+        raise ConfigError(f"algorithm.policy_loss.{str(exc).removeprefix('PolicyLossConfig.')}") from None
+    try:
+        cfg.judge.check("judge")  # the keys set belong to judge.type
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if a.reference == "lora_base" and not cfg.model.lora.enabled:
         raise ConfigError("algorithm.reference: lora_base needs model.lora.enabled=true")
     if cfg.rollout.scaffold.enabled and a.is_cap is None:
         raise ConfigError("algorithm.is_cap: rubric scaffolding (rollout.scaffold.enabled) needs the truncated "
                           "importance weight against the scaffolded sampler; set a cap such as 2.0")
-    if cfg.rollout.scaffold.enabled and not 0 <= cfg.rollout.scaffold.midpoint <= 1:
-        raise ConfigError("rollout.scaffold.midpoint: expected a number in [0, 1]")
-    if cfg.scoring.get("aggregation") is not None:  # e.g. rubicon saturation / shaping (docs/methods.md)
+    if cfg.scoring.aggregation is not None:  # e.g. rubicon saturation / shaping (docs/methods.md)
         from rubric_fast.rubric.schema import Aggregation, RubricError
 
         try:
-            Aggregation.from_dict(cfg.scoring["aggregation"], key="scoring.aggregation")
+            Aggregation.from_dict(cfg.scoring.aggregation, key="scoring.aggregation")
         except RubricError as exc:
             raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
+    try:
+        cfg.scoring.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     check_methods(cfg)
     _validate_vllm(cfg)
     if cfg.model.name_or_path == "tiny" and cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads:
@@ -617,10 +644,10 @@ def check_methods(cfg: TrainConfig) -> None:
         if r.calibration.enabled:
             raise ConfigError("reward.calibration.enabled: RLCR needs a pointwise correctness per response; "
                               "pairwise judging (reward.pairwise.enabled) gives only relative utilities")
-        if cfg.judge.get("type", cfg.judge.get("kind")) not in ("rule", "http", "hf"):
+        if cfg.judge.type not in ("rule", "http", "hf"):
             raise ConfigError(f"judge.type: pairwise judging (reward.pairwise.enabled) works with the rule, http "
-                              f"and hf judges; got {cfg.judge.get('type')!r}")
-        if cfg.scoring.get("aggregation") is not None:
+                              f"and hf judges; got {cfg.judge.type!r}")
+        if cfg.scoring.aggregation is not None:
             raise ConfigError("scoring.aggregation: pairwise judging (reward.pairwise.enabled) does not aggregate "
                               "verdicts into a reward; remove scoring.aggregation or disable pairwise judging")
 
@@ -645,17 +672,22 @@ def _validate_vllm(cfg: TrainConfig) -> None:
                           "build with scripts/setup_vllm_cpu.sh, or use rollout.engine=hf")
 
 
-def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None):
-    """The ops' PolicyLossConfig from the algorithm section (normalizer set per step by the loop)."""
-    from rubric_fast.reference.types import PolicyLossConfig
-
-    a = cfg.algorithm
-    if normalizer is None and a.aggregation == "constant":
+def policy_loss_config(cfg: TrainConfig, normalizer: float | None = None) -> PolicyLossConfig:
+    """The ops' PolicyLossConfig: ``algorithm.policy_loss`` with the step's normalizer (set by the loop)."""
+    pl = cfg.algorithm.policy_loss
+    if normalizer is None and pl.aggregation == "constant":
         normalizer = 1.0  # placeholder for validation; the loop sets max_new_tokens * global sequences
-    # the algorithm section carries every PolicyLossConfig field but the per-step normalizer
-    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(PolicyLossConfig) if f.name != "normalizer"}
-    return PolicyLossConfig(**fields, normalizer=normalizer)
+    return pl.replace(normalizer=normalizer)
+
+
+def help_config(only: str | None = None) -> str:
+    """``rubric-fast train --help-config``: every key with its type, default, help and accepted values."""
+    return format_help(TrainConfig, only=only)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The run's config as plain data (logged, saved as config.yaml, loadable again): every user setting;
+    the judge with only the keys that are set."""
+    d = settings_dict(cfg)
+    d["judge"] = cfg.judge.to_dict()
+    return d

@@ -24,13 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
+from rubric_fast.settings import setting
+
 
 @dataclass
 class EMPGConfig:
-    enabled: bool = False
-    k: float = 1.0          # self-calibrating scaling: g = exp(-k H~) / mean exp(-k H~)
-    k_f: float = 1.0        # future clarity: f = exp(-k_f H~)
-    zeta: float = 0.1       # weight of the future clarity bonus
+    """EMPG: entropy-modulated policy gradients for multi-turn rollouts (docs/methods.md)."""
+
+    enabled: bool = setting(False, "EMPG: scale each turn's advantage by its entropy (multi-turn rollouts)")
+    k: float = setting(1.0, "self-calibrating scaling: g = exp(-k H~) / mean exp(-k H~)")
+    k_f: float = setting(1.0, "future clarity: f = exp(-k_f H~)")
+    zeta: float = setting(0.1, "weight of the future clarity bonus")
 
 
 def check_config(c: EMPGConfig, *, multiturn: bool, key: str = "algorithm.empg") -> None:

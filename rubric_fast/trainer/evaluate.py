@@ -28,6 +28,7 @@ The split of a prompt is ``meta.split`` of its record (rubric_fast jsonl), e.g. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rubric_fast.settings import setting
+
 ALL = "all"
 
 
@@ -43,14 +46,14 @@ ALL = "all"
 class EvalConfig:
     """``eval``: held-out evaluation during training (rubric_fast/trainer/evaluate.py)."""
 
-    every: int = 0                      # 0 = off; else at the start, every N steps and at the end
-    path: str | None = None             # rubric dataset; default data.path
-    split: str | None = "held_out"      # meta.split of the prompts evaluated; null or all = every prompt
-    num_generations: int = 4            # G responses per prompt
-    max_prompts: int = 0                # the first N prompts of the split; 0 = all
-    temperature: float | None = None    # default rollout.temperature
-    max_new_tokens: int | None = None   # default rollout.max_new_tokens
-    seed: int = 1234                    # sampling seed: the same random stream at every evaluation
+    every: int = setting(0, "evaluate at the start, every N steps and at the end; 0 = off")
+    path: str | None = setting(None, "the rubric dataset evaluated; null = data.path")
+    split: str | None = setting("held_out", "meta.split of the prompts evaluated; null or all = every prompt")
+    num_generations: int = setting(4, "G responses per prompt")
+    max_prompts: int = setting(0, "the first N prompts of the split; 0 = all")
+    temperature: float | None = setting(None, "sampling temperature; null = rollout.temperature")
+    max_new_tokens: int | None = setting(None, "longest response; null = rollout.max_new_tokens")
+    seed: int = setting(1234, "sampling seed: the same random stream at every evaluation")
 
 
 def check_config(ec: EvalConfig) -> None:
@@ -392,10 +395,10 @@ def _judge_settings(args, cfg) -> tuple[dict, dict]:
         except ValueError as exc:
             raise EvalError(str(exc)) from None
         if cfg is not None:
-            scoring = {**cfg.scoring, **scoring}
+            scoring = {**dataclasses.asdict(cfg.scoring), **scoring}
     else:
-        judge = dict(cfg.judge) if cfg is not None else {"type": "rule"}
-        scoring = dict(cfg.scoring) if cfg is not None else {}
+        judge = cfg.judge.to_dict() if cfg is not None else {"type": "rule"}
+        scoring = dataclasses.asdict(cfg.scoring) if cfg is not None else {}
         if args.judge_model:
             judge["model"] = args.judge_model
         if args.endpoint:

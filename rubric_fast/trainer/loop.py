@@ -514,7 +514,7 @@ def _train_run(cfg: TrainConfig, info: DistInfo, strategy: str, device: torch.de
     policy = load_policy(cfg.model, tokenizer, device)
     a = cfg.algorithm
     broadcast_parameters(policy)  # rank 0's initial weights everywhere (before any sharding)
-    reference = ReferencePolicy(policy, a.reference, cfg.model.lora.enabled) if a.beta > 0 else None
+    reference = ReferencePolicy(policy, a.reference, cfg.model.lora.enabled) if a.policy_loss.beta > 0 else None
     # every forward of the loss and (fsdp2) of generation goes through this root module: see dist.py
     model = PolicyForward(policy)
     if strategy == "fsdp2":
@@ -924,7 +924,7 @@ def update(cfg: TrainConfig, model: nn.Module, reference: ReferencePolicy | None
     # tokens of all micro-batches and ranks)
     old_cache: dict[int, torch.Tensor] = {}
     ent_mask_cache: dict[int, torch.Tensor] = {}
-    if a.num_iterations > 1 or a.top_entropy_fraction is not None:
+    if a.num_iterations > 1 or a.policy_loss.top_entropy_fraction is not None:
         with torch.no_grad():
             ents, valids, keys = [], [], []
             for mbs in mini_mbs:
@@ -936,12 +936,12 @@ def update(cfg: TrainConfig, model: nn.Module, reference: ReferencePolicy | None
                     ents.append(ent)
                     valids.append(mb.loss_weight != 0)
                     keys.append(id(mb))
-            if a.top_entropy_fraction is not None and (ents or is_distributed()):  # a collective: every rank
+            if a.policy_loss.top_entropy_fraction is not None and (ents or is_distributed()):  # a collective: every rank
                 if not ents:
                     ents = [torch.zeros(0, device=device)]
                     valids, keys = [torch.zeros(0, dtype=torch.bool, device=device)], [None]
                 pg = torch.distributed.group.WORLD if is_distributed() else None
-                sel = ops.entropy_mask(torch.cat(ents), torch.cat(valids), a.top_entropy_fraction, process_group=pg)
+                sel = ops.entropy_mask(torch.cat(ents), torch.cat(valids), a.policy_loss.top_entropy_fraction, process_group=pg)
                 for k, piece in zip(keys, torch.split(sel, [e.numel() for e in ents])):
                     ent_mask_cache[k] = piece
     stat_sums: dict[str, float] = {}
@@ -952,9 +952,9 @@ def update(cfg: TrainConfig, model: nn.Module, reference: ReferencePolicy | None
             # global normalizers: every rank and micro-batch divides by the same count (exact accumulation)
             n_tok = global_sum(sum(float(mb.loss_weight.sum()) for mb in mbs), device)
             n_seq = global_sum(sum(int(torch.unique(mb.seq_index[mb.loss_weight != 0]).numel()) for mb in mbs), device)
-            if a.aggregation == "token_mean":
+            if a.policy_loss.aggregation == "token_mean":
                 norm = n_tok
-            elif a.aggregation == "constant":
+            elif a.policy_loss.aggregation == "constant":
                 norm = cfg.rollout.max_new_tokens * n_seq  # Dr. GRPO: a constant per (global) sequence
             else:
                 norm = n_seq

@@ -32,17 +32,22 @@ from typing import Any, Protocol
 from .rewards import ScoredCompletion
 from .rollout import Completion
 
+from rubric_fast.settings import check_fields, setting
+
 JUDGE_MODES = ("conversation", "per_turn")
 
 
 @dataclass
 class MultiTurnConfig:
-    enabled: bool = False
-    environment: str = "scripted_user"          # a shipped name, or package.module:ClassName
-    env_args: dict[str, Any] = field(default_factory=dict)
-    max_turns: int = 3                          # assistant turns per conversation at most
-    judge: str = "per_turn"                     # conversation | per_turn
-    env_reward_weight: float = 1.0              # reward += weight * the environment's reward (when it gives one)
+    """Multi-turn rollouts: the policy and an environment take turns (trainer/multiturn.py)."""
+
+    enabled: bool = setting(False, "multi-turn rollouts: the policy talks with an environment for several turns")
+    environment: str = setting("scripted_user", "a shipped name, or package.module:ClassName")
+    env_args: dict[str, Any] = setting(factory=dict, help="keyword arguments of the environment")
+    max_turns: int = setting(3, "assistant turns per conversation at most", check=lambda v: v >= 1,
+                             accepts="an integer >= 1")
+    judge: str = setting("per_turn", "judge each assistant turn against the rubric, or the whole conversation once", choices=JUDGE_MODES)
+    env_reward_weight: float = setting(1.0, "reward += weight * the environment's reward (when it gives one)")
 
 
 @dataclass
@@ -128,10 +133,7 @@ def build_environment(cfg: MultiTurnConfig, key: str = "rollout.multiturn") -> E
 
 
 def check_config(cfg: MultiTurnConfig, key: str = "rollout.multiturn") -> None:
-    if cfg.max_turns < 1:
-        raise ValueError(f"{key}.max_turns: got {cfg.max_turns}; expected an integer >= 1")
-    if cfg.judge not in JUDGE_MODES:
-        raise ValueError(f"{key}.judge: got {cfg.judge!r}; accepted: {', '.join(JUDGE_MODES)}")
+    check_fields(cfg, key + ".")
     if cfg.enabled:
         build_environment(cfg, key)
 

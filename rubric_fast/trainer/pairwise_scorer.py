@@ -28,19 +28,22 @@ from rubric_fast.rubric.pairwise import PLANS, comparison_plan, consistent_outco
 
 from .rewards import ScoredCompletion
 
+from rubric_fast.settings import check_fields, setting
+
 
 @dataclass
 class PairwiseConfig:
-    enabled: bool = False
-    plan: str = "all_pairs"              # all_pairs | round_robin
-    comparisons_per_response: int = 2    # round_robin: k comparisons per response (k >= G-1: all pairs)
-    prior: float = 0.1                   # Bradley-Terry Gaussian prior precision (> 0: finite utilities)
-    deadline_s: float = 600.0            # per group, from its last submission: unanswered comparisons fail
+    """Pairwise judging (OpenRubrics / Rubric-RM): the judge compares two responses against the rubric."""
+
+    enabled: bool = setting(False, "judge the responses of a group against each other; Bradley-Terry utilities are the rewards")
+    plan: str = setting("all_pairs", "which pairs are compared", choices=PLANS)
+    comparisons_per_response: int = setting(2, "round_robin: k comparisons per response (k >= G-1: all pairs)")
+    prior: float = setting(0.1, "Bradley-Terry Gaussian prior precision (> 0: finite utilities)")
+    deadline_s: float = setting(600.0, "per group, from its last submission: unanswered comparisons fail")
 
 
 def check_config(p: PairwiseConfig, group_size: int, key: str = "reward.pairwise") -> None:
-    if p.plan not in PLANS:
-        raise ValueError(f"{key}.plan: got {p.plan!r}; accepted: {', '.join(PLANS)}")
+    check_fields(p, key + ".")
     if p.enabled and group_size < 2:
         raise ValueError(f"{key}.enabled: pairwise judging compares the members of a group; "
                          f"rollout.num_generations is {group_size}, it needs >= 2")
@@ -151,9 +154,13 @@ class PairwiseScorer:
         self._thread.join(10)
 
 
-def make_pairwise_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any], cfg: PairwiseConfig,
+def make_pairwise_scorer(judge_cfg: Any, scoring_cfg: Any, cfg: PairwiseConfig,
                          group_size: int, *, judge=None) -> PairwiseScorer:
     """From the trainer's ``judge`` / ``scoring`` sections (the scoring ``guard`` key applies here too)."""
     judge = judge if judge is not None else build_pairwise_judge(judge_cfg)
-    guard = (scoring_cfg or {}).get("guard", (judge_cfg or {}).get("guard", True))
+    from rubric_fast.scoring.config import as_judge_config
+
+    scoring_guard = getattr(scoring_cfg, "guard", None) if not isinstance(scoring_cfg, dict) else scoring_cfg.get("guard")
+    judge_guard = as_judge_config(judge_cfg or {"type": "rule"}).guard
+    guard = scoring_guard if scoring_guard is not None and scoring_guard is not True else judge_guard
     return PairwiseScorer(judge, cfg, group_size, guard=guard)

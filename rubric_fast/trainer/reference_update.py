@@ -62,8 +62,9 @@ def check_config(a, *, lora: bool, key: str = "algorithm") -> None:
     if not is_dynamic(a):
         return
     which = "ref_update_interval" if a.ref_update_interval > 0 else "ref_ema"
-    if a.beta <= 0:
-        raise ValueError(f"{key}.{which}: a dynamic reference needs the KL term, but {key}.beta is {a.beta:g}; "
+    if a.policy_loss.beta <= 0:
+        raise ValueError(f"{key}.{which}: a dynamic reference needs the KL term, but {key}.policy_loss.beta is "
+                         f"{a.policy_loss.beta:g}; "
                          "set beta > 0 or remove the reference update")
     mode = a.reference if a.reference != "auto" else ("lora_base" if lora else "copy")
     if mode != "copy":

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rubric_fast.settings import check_fields, setting
+
 ACCEPT_MODES = ("improved", "always")
 DEFAULT_INSTRUCTION = ("Your answer does not yet meet these criteria:\n{criteria}\n"
                        "Revise it so that it meets them, keep what is already right, and reply with the revised "
@@ -34,16 +36,17 @@ DEFAULT_INSTRUCTION = ("Your answer does not yet meet these criteria:\n{criteria
 
 @dataclass
 class RefineConfig:
-    enabled: bool = False
-    below: float = 1.0                  # refine a group whose best reward is below this
-    accept: str = "improved"            # improved (revision beats the best) | always
-    instruction: str = DEFAULT_INSTRUCTION   # {criteria}: the unmet criteria, one "- text" per line
-    max_groups: int = 0                 # at most this many refinements per step and rank (0 = no limit)
+    """Rubric-guided refinement (RGR): a revision of a group's best response that misses criteria."""
+
+    enabled: bool = setting(False, "rubric-guided refinement: revise a group's best response with its unmet criteria, as an extra sample")
+    below: float = setting(1.0, "refine a group whose best reward is below this")
+    accept: str = setting("improved", "keep a revision when it beats the best (improved) or always", choices=ACCEPT_MODES)
+    instruction: str = setting(DEFAULT_INSTRUCTION, "the revision request; {criteria} is replaced by the unmet criteria, one \"- text\" per line")
+    max_groups: int = setting(0, "at most this many refinements per step and rank (0 = no limit)")
 
 
 def check_config(c: RefineConfig, key: str = "rollout.refine") -> None:
-    if c.accept not in ACCEPT_MODES:
-        raise ValueError(f"{key}.accept: got {c.accept!r}; accepted: {', '.join(ACCEPT_MODES)}")
+    check_fields(c, key + ".")
     if "{criteria}" not in c.instruction:
         raise ValueError(f"{key}.instruction: must contain {{criteria}} (where the unmet criteria are listed)")
     if c.max_groups < 0:

@@ -17,6 +17,8 @@ reward or has failed (reward None: never turned into 0; the advantage op exclude
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,13 @@ class ServiceScorer:
 BUDGET_KEYS = ("concurrency", "rpm", "tpm")
 
 
+def _mapping(cfg: Any) -> dict[str, Any]:
+    """A config section as a plain mapping (a dataclass such as ScorerConfig, a mapping, or None)."""
+    if cfg is None:
+        return {}
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
 def rank_share(judge_cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The judge config with this rank's share (1/world_size) of the job's concurrency / rpm / tpm."""
     judge = dict(judge_cfg)
@@ -114,22 +123,20 @@ def rank_share(judge_cfg: dict[str, Any], world_size: int) -> dict[str, Any]:
     return judge
 
 
-def make_scorer(judge_cfg: dict[str, Any], scoring_cfg: dict[str, Any], group_size: int, *,
+def make_scorer(judge_cfg: Any, scoring_cfg: Any, group_size: int, *,
                 run_dir: str | Path | None = None, rank: int = 0, world_size: int = 1) -> ServiceScorer:
     """ScoringService from the ``judge`` / ``scoring`` config sections, with this rank's budget and cache."""
     from rubric_fast.scoring import build_service
+    from rubric_fast.scoring.config import as_judge_config
 
-    judge = dict(judge_cfg or {})
-    if "kind" in judge and "type" not in judge:  # accept the older spelling
-        judge["type"] = judge.pop("kind")
-    judge = rank_share(judge, world_size)
-    scoring = dict(scoring_cfg or {})
+    judge = rank_share(as_judge_config(judge_cfg or {"type": "rule"}).to_dict(), world_size)
+    scoring = {k: v for k, v in _mapping(scoring_cfg).items() if v is not None}
     if "cache_path" not in scoring and run_dir is not None:
         scoring["cache_path"] = str(Path(run_dir) / "judge_cache" / "rank_{rank}.sqlite")
     if scoring.get("cache_path"):
         scoring["cache_path"] = str(scoring["cache_path"]).replace("{rank}", str(rank))
     # every group comes back, even one with too few valid members (its rewards are then excluded)
-    config = {"deliver_dropped": True, **scoring, "judge": judge, "group_size": group_size}
+    config = {**scoring, "deliver_dropped": True, "judge": judge, "group_size": group_size}
     scorer = ServiceScorer(build_service(config), group_size)
     scorer.cache_path = scoring.get("cache_path")
     return scorer
