@@ -28,11 +28,11 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .dist import barrier, kill_point
+from .dist import barrier
 
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -116,7 +116,7 @@ def _save(obj: Any, path: Path) -> None:
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, bundle: dict[str, Any] | None, *, keep_last: int = 2,
                     rank_state: dict[str, Any] | None = None, sharded: dict[str, Any] | None = None,
-                    rank: int = 0, world_size: int = 1) -> Path:
+                    rank: int = 0, world_size: int = 1, on_event: Callable[..., None] | None = None) -> Path:
     """Write one checkpoint; a collective when several ranks run (call it on every rank).
 
     ``bundle`` is rank 0's ``state.pt`` (ignored elsewhere), ``rank_state`` this rank's ``rank_RRRRR.pt``,
@@ -140,7 +140,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, bundle: dict[str, Any] | No
     if rank_state is not None:
         _save(rank_state, tmp / rank_file(rank))
         files += [rank_file(r) for r in range(world_size)]
-        kill_point("checkpoint", step, rank)
+        if on_event is not None:  # the run's callbacks (callbacks.py): this rank's files are written
+            on_event("checkpoint", step, rank)
     if rank == 0:
         _save(bundle, tmp / STATE_FILE)
     barrier()  # every rank's files are complete before the checkpoint becomes visible

@@ -201,26 +201,6 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def kill_point(phase: str, step: int, rank: int) -> None:
-    """Test hook: ``RUBRIC_FAST_TEST_KILL=PHASE:STEP[:RANK]`` SIGKILLs this process at that point.
-
-    Phases: ``rollout`` (a step's first completions generated), ``epoch`` (the prompt stream just wrapped
-    into a new epoch), ``backward`` (after the first micro-batch's backward), ``checkpoint`` (this rank's
-    checkpoint files written, before the directory is complete). No effect when the variable is unset.
-    """
-    spec = os.environ.get("RUBRIC_FAST_TEST_KILL")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == phase and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
-        import signal
-        import sys
-
-        print(f"[rubric_fast] test hook: SIGKILL at {phase} of step {step} on rank {rank}", file=sys.stderr,
-              flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def sharded_state(model: nn.Module, optimizer) -> dict:
     """Model and optimizer state as DTensor shards (torch.distributed.checkpoint's input and output)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -420,6 +420,34 @@ def _wait_for_canaries(service, timeout: float = 600.0) -> None:
     asyncio.run_coroutine_threadsafe(service.scorer.audit.drain(), service._loop).result(timeout)
 
 
+def _print_report(res, metrics: dict, rubrics, *, described: str, split, path, G: int, rollout, seed: int,
+                  wall: float) -> tuple[float | None, float | None]:
+    """The evaluation's table on stdout; returns the audit's (false-pass, false-fail) rates."""
+    texts: dict[str, str] = {}
+    for r in rubrics:
+        for c in r.criteria:
+            texts[c.id] = c.text if texts.get(c.id, c.text) == c.text else "(text varies by prompt)"
+    print(f"model: {described}\nprompts: {len(rubrics)} ({split or ALL} of {path}), {G} responses each, "
+          f"temperature {rollout.temperature:g}, max_new_tokens {rollout.max_new_tokens}, seed {seed}")
+    print(f"{'criterion':<20} {'met':>7} {'judged':>7} {'failed':>7}  text")
+    for cid, (met, judged, failed) in sorted(res.criteria.items()):
+        rate = f"{met / judged:7.1%}" if judged else "      -"
+        print(f"{cid:<20} {rate} {int(judged):>7} {int(failed):>7}  {texts.get(cid, '')[:60]}")
+    mean = f"{res.mean_reward:.4f} +- {res.reward_stderr:.4f}" if res.scored else "-"
+    print(f"\nresponses: {res.responses}  scored: {res.scored} (guarded {res.guarded})  failed: {res.failed}")
+    print(f"mean reward: {mean}  (guarded responses count with their reward <= 0; failed ones are left out)")
+    print(f"generation: {res.tokens} tokens in {res.generate_s:.1f}s ({res.tokens / max(res.generate_s, 1e-9):.0f} "
+          f"tokens/s); scoring {res.score_s:.1f}s; wall {wall:.1f}s")
+    print(f"judge: requests {metrics.get('judge_requests')}, parse failures {metrics.get('parse_failures')}, "
+          f"re-asks {metrics.get('judge_reasks', 0)}")
+    fp, ff = metrics.get("audit_false_pass_rate"), metrics.get("audit_false_fail_rate")
+    if fp is not None or ff is not None:
+        print(f"judge audit: {metrics.get('audit_canary_verdicts')} canary verdicts; false-pass rate "
+              f"{'-' if fp is None else f'{fp:.1%}'} (content-free answers judged as meeting a criterion), "
+              f"false-fail rate {'-' if ff is None else f'{ff:.1%}'} (reference answers judged as not)")
+    return fp, ff
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 evaluated; 1 every response failed; 2 bad input."""
     from rubric_fast.rubric import RubricError, load_rubrics
@@ -506,28 +534,8 @@ def run(args: argparse.Namespace) -> int:
         scorer.close()
     wall = time.perf_counter() - t_start
 
-    texts: dict[str, str] = {}
-    for r in rubrics:
-        for c in r.criteria:
-            texts[c.id] = c.text if texts.get(c.id, c.text) == c.text else "(text varies by prompt)"
-    print(f"model: {described}\nprompts: {len(rubrics)} ({split or ALL} of {path}), {G} responses each, "
-          f"temperature {rollout.temperature:g}, max_new_tokens {rollout.max_new_tokens}, seed {seed}")
-    print(f"{'criterion':<20} {'met':>7} {'judged':>7} {'failed':>7}  text")
-    for cid, (met, judged, failed) in sorted(res.criteria.items()):
-        rate = f"{met / judged:7.1%}" if judged else "      -"
-        print(f"{cid:<20} {rate} {int(judged):>7} {int(failed):>7}  {texts.get(cid, '')[:60]}")
-    mean = f"{res.mean_reward:.4f} +- {res.reward_stderr:.4f}" if res.scored else "-"
-    print(f"\nresponses: {res.responses}  scored: {res.scored} (guarded {res.guarded})  failed: {res.failed}")
-    print(f"mean reward: {mean}  (guarded responses count with their reward <= 0; failed ones are left out)")
-    print(f"generation: {res.tokens} tokens in {res.generate_s:.1f}s ({res.tokens / max(res.generate_s, 1e-9):.0f} "
-          f"tokens/s); scoring {res.score_s:.1f}s; wall {wall:.1f}s")
-    print(f"judge: requests {metrics.get('judge_requests')}, parse failures {metrics.get('parse_failures')}, "
-          f"re-asks {metrics.get('judge_reasks', 0)}")
-    fp, ff = metrics.get("audit_false_pass_rate"), metrics.get("audit_false_fail_rate")
-    if fp is not None or ff is not None:
-        print(f"judge audit: {metrics.get('audit_canary_verdicts')} canary verdicts; false-pass rate "
-              f"{'-' if fp is None else f'{fp:.1%}'} (content-free answers judged as meeting a criterion), "
-              f"false-fail rate {'-' if ff is None else f'{ff:.1%}'} (reference answers judged as not)")
+    fp, ff = _print_report(res, metrics, rubrics, described=described, split=split, path=path, G=G,
+                           rollout=rollout, seed=seed, wall=wall)
     if res.failed:
         print(f"rubric-fast eval: {res.failed} of {res.responses} responses failed: {summarize_errors(res.errors)}",
               file=sys.stderr)
