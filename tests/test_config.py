@@ -36,7 +36,7 @@ def test_overrides_are_yaml_scalars_and_dotted():
                                    "endpoints": ["http://127.0.0.1:8000/v1"], "temperature": 0.0}
 
 
-def test_judge_section_is_typed():
+def test_judge_section_is_typed(tmp_path):
     # a key of another judge type, an unknown key, a bad value: one error naming the key
     with pytest.raises(ConfigError, match=r"judge\.endpoints: not a key of the hf judge \(it is for: http\)"):
         load_config(None, ["judge.type=hf", "judge.model=m", "judge.endpoints=[http://x/v1]"])
@@ -48,6 +48,15 @@ def test_judge_section_is_typed():
         load_config(None, ["judge.type=hf", "judge.mode=fast"])
     with pytest.raises(ConfigError, match=r"scoring\.audit_rate: got 2\.0; expected a number in \[0, 1\]"):
         load_config(None, ["scoring.audit_rate=2"])
+    # a file's hf judge, then another judge type on the command line: the hf keys do not carry over
+    base = tmp_path / "hf.yaml"
+    base.write_text("judge: {type: hf, model: m, gguf_file: auto, criteria_per_call: 3, structured: true}\n")
+    cfg = load_config(base, ["judge={endpoints: ['http://127.0.0.1:8000/v1'], model: s, type: http}"])
+    assert cfg.judge.to_dict() == {"type": "http", "guard": True, "model": "s", "endpoints": ["http://127.0.0.1:8000/v1"]}
+    cfg = load_config(base, ["judge.type=rule"])
+    assert cfg.judge.to_dict() == {"type": "rule", "guard": True}
+    cfg = load_config(base, ["judge.max_new_tokens=9"])  # the same type: keys add up
+    assert cfg.judge.to_dict()["criteria_per_call"] == 3 and cfg.judge.max_new_tokens == 9
     cfg = load_config(None, ["scoring.guard.check_echo=false"])  # a mapping-valued key, key by key
     assert cfg.scoring.guard == {"check_echo": False}
 

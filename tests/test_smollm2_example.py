@@ -30,7 +30,7 @@ def test_smollm2_example_two_steps(tmp_path):
         "eval.every=2", "eval.max_prompts=2", "eval.num_generations=1", "eval.max_new_tokens=16",
         "scoring.audit_rate=1.0", "checkpoint.save_final=false", "logging.samples_every=1",
         "logging.progress=false", f"logging.run_dir={run_dir}"])
-    assert cfg.data.split == "train" and cfg.judge["structured"] and cfg.model.gguf_file
+    assert cfg.data.split == "train" and cfg.judge.structured and cfg.model.gguf_file
     result = train(cfg)
     assert result.steps == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -75,5 +75,5 @@ def test_the_example_script_serves_the_judge_with_vllm_or_falls_back_to_hf(tmp_p
     assert "would serve" in out and "port 8011" in out
     override = out[out.index("judge={"):].split("}", 1)[0] + "}"
     cfg = load_config(EXAMPLE, [override.replace("\n", " ")])
-    assert cfg.judge["type"] == "http" and cfg.judge["structured"] is True
-    assert cfg.judge["endpoints"] == ["http://127.0.0.1:8011/v1"]
+    assert cfg.judge.type == "http" and cfg.judge.structured is True
+    assert cfg.judge.endpoints == ["http://127.0.0.1:8011/v1"]

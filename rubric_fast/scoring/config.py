@@ -118,6 +118,16 @@ class JudgeConfig:
                 raise ValueError(f"{where}.{f.name}: not a key of the {self.type} judge (it is for: {users}); "
                                  f"accepted with type {self.type}: {', '.join(sorted(taken))}")
 
+    def switch_type(self, kind: str) -> None:
+        """A new judge type starts from its own defaults: every judge-specific key set for the previous type is
+        cleared (the config layers: a file's hf judge, then ``judge={type: http, ...}`` on the command line)."""
+        if kind == self.type:
+            return
+        for f in dataclasses.fields(self):
+            if "judges" in f.metadata:
+                setattr(self, f.name, None)
+        self.type = kind
+
     def judge_kwargs(self) -> dict[str, Any]:
         """The keys set for this judge type, as its constructor's keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

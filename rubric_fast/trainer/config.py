@@ -388,7 +388,10 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> N
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(source)}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     fields = _fields(type(obj))
-    for name, value in data.items():
+    items = list(data.items())
+    if isinstance(obj, JudgeConfig):  # the type first: switching it clears the previous type's keys
+        items.sort(key=lambda kv: kv[0] != "type")
+    for name, value in items:
         key = prefix + str(name)
         if isinstance(obj, AlgorithmConfig) and name in _MOVED_TO_POLICY_LOSS:
             _moved(key, source)
@@ -397,6 +400,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> N
         if name not in fields:
             raise _unknown(key, str(name), list(fields), source)
         _internal(fields[name][0], key, source)
+        if isinstance(obj, JudgeConfig) and name == "type" and isinstance(value, str):
+            obj.switch_type(value)  # another judge type: the previous type's keys are cleared
         _, tp = fields[name]
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
@@ -456,6 +461,8 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None
     if last not in fields:
         raise _unknown(dotted, last, list(fields), source)
     _internal(fields[last][0], dotted, source)
+    if isinstance(obj, JudgeConfig) and last == "type" and isinstance(value, str):
+        obj.switch_type(value)  # another judge type: the previous type's keys are cleared
     if dataclasses.is_dataclass(getattr(obj, last)):
         _apply(getattr(obj, last), value, dotted + ".", source)
     else:
