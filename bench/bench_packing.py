@@ -48,7 +48,7 @@ def _has_flash() -> bool:
 
 
 def make_samples(args, vocab: int):
-    from rubric_fast.trainer.loop import Sample
+    from rubric_fast.trainer.batches import Sample
     from rubric_fast.trainer.rollout import Completion
 
     g = torch.Generator().manual_seed(args.seed)
@@ -65,7 +65,7 @@ def make_samples(args, vocab: int):
 
 
 def run(args) -> list[dict]:
-    from rubric_fast.trainer import loop as L
+    from rubric_fast.trainer import batches as B, dist as D, update as U
     from rubric_fast.trainer.config import TrainConfig
 
     device = torch.device(args.device)
@@ -73,7 +73,7 @@ def run(args) -> list[dict]:
     rows = []
     for mode in ("padded", "packed"):
         torch.manual_seed(0)
-        model = L.PolicyForward(build_model(args.model, device, dtype))
+        model = D.PolicyForward(build_model(args.model, device, dtype))
         vocab = model.policy.config.vocab_size
         samples = make_samples(args, vocab)
         cfg = TrainConfig()
@@ -84,16 +84,16 @@ def run(args) -> list[dict]:
         opt = torch.optim.SGD(model.parameters(), lr=1e-6)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         real = sum(len(s.prompt_ids) + len(s.completion.token_ids) for s in samples)
-        mbs = L.pack_micro_batches(samples, args.token_budget, packed=mode == "packed")
+        mbs = B.pack_micro_batches(samples, args.token_budget, packed=mode == "packed")
         width = [max(len(s.prompt_ids) + len(s.completion.token_ids) for s in mb) for mb in mbs]
         forward = real if mode == "packed" else sum(len(mb) * w for mb, w in zip(mbs, width))
-        L.update(cfg, model, None, opt, sched, samples[: max(2, len(samples) // 8)], 0, device)  # warm-up
+        U.update(cfg, model, None, opt, sched, samples[: max(2, len(samples) // 8)], 0, device)  # warm-up
         times = []
         for _ in range(args.iters):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            L.update(cfg, model, None, opt, sched, samples, 0, device)
+            U.update(cfg, model, None, opt, sched, samples, 0, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -131,7 +131,7 @@ SPEED_MODELS = {  # char vocabulary (the trainer's tiny tokenizer); head_dim 64 
 def _speed_worker(args) -> dict:
     from rubric_fast.rubric import load_rubrics
     from rubric_fast.trainer.config import DEFAULT_DATASET, ModelConfig, RolloutConfig, TinyModelConfig
-    from rubric_fast.trainer.loop import encode_prompt
+    from rubric_fast.trainer.rollouts import encode_prompt
     from rubric_fast.trainer.models import build_char_tokenizer, load_policy
     from rubric_fast.trainer.rollout import HFRolloutEngine
 

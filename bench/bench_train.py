@@ -59,7 +59,7 @@ def build_model(name: str, device, dtype):
 
 def make_micro_batches(vocab: int, n_seqs: int, prompt_len: int, completion_len: int, token_budget: int, device,
                        seed: int = 0):
-    from rubric_fast.trainer.loop import Sample, collate, pack_micro_batches
+    from rubric_fast.trainer.batches import Sample, collate, pack_micro_batches
     from rubric_fast.trainer.rollout import Completion
 
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +79,7 @@ def update_step(model, optimizer, mbs, mode: str, temperature: float = 1.0) -> i
     """One optimizer step over the micro-batches; returns the forward tokens (unpadded)."""
     from rubric_fast import ops
     from rubric_fast.reference import PolicyLossConfig, policy_loss
-    from rubric_fast.trainer.loop import token_hidden
+    from rubric_fast.trainer.update import token_hidden
 
     n_tok = sum(float(mb.loss_weight.sum()) for mb in mbs)
     cfg = PolicyLossConfig(normalizer=n_tok)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rubric_fast.trainer import loop as L
+from rubric_fast.trainer import batches as B, rollouts as R, update as U
 from rubric_fast.trainer.command import DEFAULT_CONFIG
 from rubric_fast.trainer.config import load_config
 from rubric_fast.trainer.dist import PolicyForward, full_tensor, shard_fsdp2
@@ -42,14 +42,14 @@ VARIANTS = [
 def _samples(tok, rubric):
     """4 groups x 4 members; groups 0-1 (rank 0) short, groups 2-3 (rank 1) long completions."""
     g = torch.Generator().manual_seed(1)
-    prompt = L.encode_prompt(tok, rubric.prompt)
+    prompt = R.encode_prompt(tok, rubric.prompt)
     out = []
     for gid in range(4):
         for i in range(4):
             n = int(torch.randint(2, 5, (1,), generator=g)) if gid < 2 else int(torch.randint(8, 13, (1,), generator=g))
             toks = torch.randint(4, 90, (n,), generator=g).tolist()
             slp = (-torch.rand(n, generator=g) * 3 - 2).tolist()
-            out.append(L.Sample(gid, rubric, prompt, Completion(prompt, toks, slp, i % 2 == 0, ""), 0,
+            out.append(B.Sample(gid, rubric, prompt, Completion(prompt, toks, slp, i % 2 == 0, ""), 0,
                                 reward=float(i % 2), advantage=float(torch.randn(1, generator=g))))
     return out
 
@@ -67,7 +67,7 @@ def _one_update(strategy: str, overrides: list[str], rank: int, world: int) -> d
     mine = [s for s in samples if s.group_id * world // 4 == rank]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    out = L.update(cfg, model, None, opt, sched, mine, tok.pad_token_id, "cpu",
+    out = U.update(cfg, model, None, opt, sched, mine, tok.pad_token_id, "cpu",
                    strategy=strategy if world > 1 else "ddp")
     assert out["updates"] == cfg.algorithm.num_iterations and not out["nonfinite"]
     return {"grad_norm": out["grad_norm"],

@@ -15,7 +15,8 @@ from rubric_fast import ops  # noqa: E402
 from rubric_fast.judges.base import Verdict  # noqa: E402
 from rubric_fast.rubric import Criterion, Rubric  # noqa: E402
 from rubric_fast.trainer.config import ConfigError, load_config  # noqa: E402
-from rubric_fast.trainer.loop import Sample, encode_prompt  # noqa: E402
+from rubric_fast.trainer.batches import Sample
+from rubric_fast.trainer.rollouts import encode_prompt  # noqa: E402
 from rubric_fast.trainer.models import build_char_tokenizer  # noqa: E402
 from rubric_fast.trainer.refine import RefineConfig, refine_groups, refinement_messages, unmet_criteria  # noqa: E402
 from rubric_fast.trainer.rewards import ScoredCompletion  # noqa: E402

@@ -12,7 +12,10 @@ import torch
 
 from rubric_fast.trainer.command import DEFAULT_CONFIG
 from rubric_fast.trainer.config import load_config
-from rubric_fast.trainer.loop import TrainingStopped, pack_micro_batches, scaffold_share, train
+from rubric_fast.trainer.loop import train
+from rubric_fast.trainer.state import TrainingStopped
+from rubric_fast.trainer.batches import pack_micro_batches
+from rubric_fast.trainer.rollouts import scaffold_share
 
 SMALL = ["max_steps=1", "data.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_new_tokens=6",
          "logging.tensorboard=false", "logging.progress=false", "checkpoint.save_final=false",
@@ -76,6 +79,7 @@ def test_update_changes_weights_and_matches_materialized_logits_gradient(tmp_pat
     from rubric_fast.reference import policy_loss
     from rubric_fast.rubric import load_rubrics
     from rubric_fast.trainer import loop as L
+    from rubric_fast.trainer import batches as B, config as C, rollouts as R, update as U
     from rubric_fast.trainer.models import build_char_tokenizer, load_policy
     from rubric_fast.trainer.rollout import Completion
 
@@ -84,21 +88,21 @@ def test_update_changes_weights_and_matches_materialized_logits_gradient(tmp_pat
     torch.manual_seed(0)
     model = load_policy(cfg.model, tok, torch.device("cpu"))
     rub = load_rubrics(cfg.data.path)[0]
-    prompt = L.encode_prompt(tok, rub.prompt)
+    prompt = R.encode_prompt(tok, rub.prompt)
     samples = []
     for i, n in enumerate([3, 5, 2, 6]):
         toks = torch.randint(4, 90, (n,)).tolist()
-        samples.append(L.Sample(0, rub, prompt, Completion(prompt, toks, [0.0] * n, False, ""), 0,
+        samples.append(B.Sample(0, rub, prompt, Completion(prompt, toks, [0.0] * n, False, ""), 0,
                                 reward=float(i % 2), advantage=(-1.0) ** i * (i + 1) / 3))
-    mbs = [L.collate(mb, tok.pad_token_id, "cpu", mask_truncated=False, seq_offset=10 * k)
+    mbs = [B.collate(mb, tok.pad_token_id, "cpu", mask_truncated=False, seq_offset=10 * k)
            for k, mb in enumerate(pack_micro_batches(samples, 24))]
     assert len(mbs) > 1
     n_tok = sum(float(mb.loss_weight.sum()) for mb in mbs)
-    lcfg = L.policy_loss_config(cfg, normalizer=n_tok)
+    lcfg = C.policy_loss_config(cfg, normalizer=n_tok)
     # fused path, as the loop does it
     model.zero_grad()
     for mb in mbs:
-        h, w, _ = L.token_hidden(model, mb)
+        h, w, _ = U.token_hidden(model, mb)
         old = L.ops.linear_logprob_entropy(h.detach(), w.detach(), mb.targets, return_entropy=False)[0]
         loss, *_ = L.ops.fused_linear_policy_loss(h, w, mb.targets, old, mb.advantages, mb.loss_weight,
                                                   seq_index=mb.seq_index, config=lcfg)
@@ -166,7 +170,7 @@ def test_scaffold_share_schedule():
 
 
 def test_micro_batch_packing_respects_budget():
-    from rubric_fast.trainer.loop import Sample
+    from rubric_fast.trainer.batches import Sample
     from rubric_fast.trainer.rollout import Completion
 
     samples = [Sample(0, None, [1] * 5, Completion([], [2] * n, [0.0] * n, True, ""), 0) for n in (1, 9, 3, 7, 20)]
@@ -229,7 +233,7 @@ def test_empty_completions_are_scored_and_trained(tmp_path, monkeypatch):
 
 def test_scaffold_messages_show_a_share_of_the_criteria():
     from rubric_fast.rubric import load_rubrics
-    from rubric_fast.trainer.loop import scaffold_messages
+    from rubric_fast.trainer.rollouts import scaffold_messages
 
     rub = load_rubrics(load_config(DEFAULT_CONFIG).data.path)[0]
     assert scaffold_messages(rub, 0.0) == rub.prompt

@@ -51,8 +51,7 @@ from rubric_fast.scoring.scorer import summarize_errors
 
 from . import calibration, multiturn, reference_update, refine
 from .advantages import assign_advantages
-from .batches import (MicroBatch, RolloutBatch, Sample, batch_from_state, batch_to_state, collate,  # noqa: F401
-                      collate_packed, pack_micro_batches, padding_free, padding_micro_batch)
+from .batches import RolloutBatch, Sample
 from .callbacks import Callback, Callbacks, from_environment
 from .checkpoint import (
     CheckpointError,
@@ -63,7 +62,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig, config_to_dict, policy_loss_config  # noqa: F401
+from .config import ConfigError, TrainConfig, config_to_dict
 from .dist import (
     DistInfo,
     PolicyForward,
@@ -83,10 +82,10 @@ from .models import ReferencePolicy, check_chat_template, load_policy, load_toke
 from .pairwise_scorer import make_pairwise_scorer
 from .rewards import make_scorer
 from .rollout import make_engine
-from .rollouts import PromptStream, Rollouts, encode_prompt, scaffold_messages, scaffold_share  # noqa: F401
+from .rollouts import Rollouts, encode_prompt
 from .rundir import os_error_text, prepare_run_dir
 from .state import TrainingStopped, TrainState
-from .update import make_scheduler, token_hidden, update  # noqa: F401
+from .update import make_scheduler, update
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
