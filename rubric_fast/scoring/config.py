@@ -104,6 +104,8 @@ class JudgeConfig:
         if unknown:
             ok = sorted(judge_keys(kind)) if kind in JUDGE_TYPES else sorted(known)
             raise ValueError(f"{where} ({kind}): unknown key(s) {unknown}; accepted: {ok}")
+        if isinstance(config.get("endpoints"), str):  # one URL
+            config = {**config, "endpoints": [config["endpoints"]]}
         out = cls(**config)
         out.check(where)
         return out
@@ -117,6 +119,17 @@ class JudgeConfig:
                 users = ", ".join(f.metadata.get("judges", ()))
                 raise ValueError(f"{where}.{f.name}: not a key of the {self.type} judge (it is for: {users}); "
                                  f"accepted with type {self.type}: {', '.join(sorted(taken))}")
+        if self.type == "http":
+            for key in ("model", "endpoints"):
+                if not getattr(self, key):
+                    raise ValueError(f"{where}.{key}: required for an http judge (e.g. model: Qwen/Qwen3-8B, "
+                                     "endpoints: [http://localhost:8000/v1])")
+            bad = [e for e in self.endpoints if not isinstance(e, str) or not e.startswith(("http://", "https://"))]
+            if bad:
+                raise ValueError(f"{where}.endpoints: {bad[0]!r} is not an http:// or https:// base URL")
+        if self.type == "hf" and not self.model:
+            raise ValueError(f"{where}.model: required for an hf judge (a Hugging Face name, a local path or "
+                             "pkg:<package>)")
 
     def switch_type(self, kind: str) -> None:
         """A new judge type starts from its own defaults: every judge-specific key set for the previous type is
@@ -199,16 +212,10 @@ def build_judge(config: JudgeConfig | dict[str, Any], *, guard: bool | None = No
     elif kind == "http":
         from rubric_fast.judges.http import HttpJudge
 
-        for key in ("model", "endpoints"):
-            if not kw.get(key):
-                raise ValueError(f"judge.{key}: required for an http judge (e.g. model: Qwen/Qwen3-8B, "
-                                 "endpoints: [http://localhost:8000/v1])")
         judge = RoutingJudge({"llm": HttpJudge(**kw), "rule": rule})
     elif kind == "hf":
         from rubric_fast.judges.hf import HFJudge
 
-        if not kw.get("model"):
-            raise ValueError("judge.model: required for an hf judge (a Hugging Face name or a local path)")
         if isinstance(kw["model"], str):  # a missing package or GGUF file: one line now, not a failed call later
             from rubric_fast.gguf import resolve_gguf_file, resolve_model_path
 

@@ -548,8 +548,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 cfg.eval.path = str(p.parent / cfg.eval.path)
         for text in overrides or []:
             key, value = parse_override(text)
+            overridden.add(key)  # before setting it: an error it raises is the override's
             set_key(cfg, key, value, source="override")
-            overridden.add(key)
         validate(cfg)
     except ConfigError as exc:
         if p is None:
