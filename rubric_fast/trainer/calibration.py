@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rubric_fast.settings import setting
+from rubric_fast.settings import check_fields, setting
 
 _TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -31,18 +31,18 @@ class CalibrationConfig:
     """RLCR (Damani et al. 2025): the response states its confidence; the reward adds a Brier score (docs/methods.md)."""
 
     enabled: bool = setting(False, "RLCR: reward correctness plus a Brier score of the stated confidence")
-    tag: str = setting("confidence", "the response ends with <confidence>0.8</confidence>")
-    correct_threshold: float = setting(0.5, "correct = rubric reward >= this (when no correct_criterion)")
+    tag: str = setting("confidence", "the response ends with <confidence>0.8</confidence>",
+                       check=lambda v: bool(_TAG_NAME.match(v)),
+                       accepts="a tag name such as confidence (letters, digits, _ -)")
+    correct_threshold: float = setting(0.5, "correct = rubric reward >= this (when no correct_criterion)",
+                                       check=lambda v: 0.0 <= v <= 1.0, accepts="a number in [0, 1]")
     correct_criterion: str | None = setting(None, "correct = this criterion met (its verdict score >= 0.5)")
     format_reward: float = setting(-1.0, "reward of a response without one well-formed confidence")
 
 
 def check_config(c: CalibrationConfig, key: str = "reward.calibration") -> None:
     """ValueError naming the key; the trainer's config turns it into a ConfigError."""
-    if not isinstance(c.tag, str) or not _TAG_NAME.match(c.tag):
-        raise ValueError(f"{key}.tag: got {c.tag!r}; expected a tag name such as confidence (letters, digits, _ -)")
-    if not 0.0 <= c.correct_threshold <= 1.0:
-        raise ValueError(f"{key}.correct_threshold: got {c.correct_threshold!r}; expected a number in [0, 1]")
+    check_fields(c, key + ".")
     if c.correct_criterion is not None and not c.correct_criterion.strip():
         raise ValueError(f"{key}.correct_criterion: expected a criterion id or null, got an empty string")
 

@@ -63,6 +63,7 @@ class ConfigError(ValueError):
 _INT_GE1 = dict(check=lambda v: v >= 1, accepts="an integer >= 1")
 _INT_GE0 = dict(check=lambda v: v >= 0, accepts="an integer >= 0")
 _POS = dict(check=lambda v: v > 0, accepts="a number > 0")
+_NONNEG = dict(check=lambda v: v >= 0, accepts="a number >= 0")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -201,13 +202,15 @@ class AlgorithmConfig:
     advantage_sign: float = setting(1.0, "-1 flips the advantages: a control that must not learn (tests)",
                                     check=lambda v: v in (1.0, -1.0), accepts="1 or -1")
     # OREAL sample weighting (trainer/oreal.py)
-    positive_loss_factor: float = setting(1.0, "OREAL: advantages > 0 are multiplied by this")
-    negative_loss_factor: float = setting(1.0, "OREAL: advantages < 0 are multiplied by this")
+    positive_loss_factor: float = setting(1.0, "OREAL: advantages > 0 are multiplied by this", **_NONNEG)
+    negative_loss_factor: float = setting(1.0, "OREAL: advantages < 0 are multiplied by this", **_NONNEG)
     best_worst_only: bool = setting(False, "OREAL: train on each group's best and worst response only")
     # dynamic KL reference (T1; trainer/reference_update.py)
     ref_update_interval: int = setting(0, "copy the policy into the reference every N steps; 0 = never (with "
-                                       "ref_ema set: every step)", **_INT_GE0)
-    ref_ema: float | None = setting(None, "theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta; null = off")
+                                       "ref_ema set: every step)", check=lambda v: v >= 0,
+                                       accepts="an integer >= 0 (0 = never, unless ref_ema is set: then every step)")
+    ref_ema: float | None = setting(None, "theta_ref <- ref_ema * theta_ref + (1 - ref_ema) * theta; null = off",
+                                    check=lambda v: 0.0 <= v < 1.0, accepts="a number in [0, 1) or null")
     empg: EMPGConfig = setting(factory=EMPGConfig, help="entropy-modulated per-step advantages (multi-turn)")
 
 
@@ -587,15 +590,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.rollout.scaffold.enabled and a.is_cap is None:
         raise ConfigError("algorithm.is_cap: rubric scaffolding (rollout.scaffold.enabled) needs the truncated "
                           "importance weight against the scaffolded sampler; set a cap such as 2.0")
-    if cfg.scoring.aggregation is not None:  # e.g. rubicon saturation / shaping (docs/methods.md)
-        from rubric_fast.rubric.schema import Aggregation, RubricError
+    from rubric_fast.rubric.schema import RubricError
 
-        try:
-            Aggregation.from_dict(cfg.scoring.aggregation, key="scoring.aggregation")
-        except RubricError as exc:
-            raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
     try:
-        cfg.scoring.validate()
+        cfg.scoring.validate()  # its fields, the guard, the aggregation block (e.g. rubicon, docs/methods.md)
+    except RubricError as exc:
+        raise ConfigError(f"{exc.key}: {str(exc).split(': ', 1)[-1]}") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_methods(cfg)

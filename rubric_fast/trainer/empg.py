@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rubric_fast.settings import setting
+from rubric_fast.settings import check_fields, setting
+
+_NONNEG = dict(check=lambda v: math.isfinite(v) and v >= 0, accepts="a finite number >= 0")
 
 
 @dataclass
@@ -32,16 +34,13 @@ class EMPGConfig:
     """EMPG: entropy-modulated policy gradients for multi-turn rollouts (docs/methods.md)."""
 
     enabled: bool = setting(False, "EMPG: scale each turn's advantage by its entropy (multi-turn rollouts)")
-    k: float = setting(1.0, "self-calibrating scaling: g = exp(-k H~) / mean exp(-k H~)")
-    k_f: float = setting(1.0, "future clarity: f = exp(-k_f H~)")
-    zeta: float = setting(0.1, "weight of the future clarity bonus")
+    k: float = setting(1.0, "self-calibrating scaling: g = exp(-k H~) / mean exp(-k H~)", **_NONNEG)
+    k_f: float = setting(1.0, "future clarity: f = exp(-k_f H~)", **_NONNEG)
+    zeta: float = setting(0.1, "weight of the future clarity bonus", **_NONNEG)
 
 
 def check_config(c: EMPGConfig, *, multiturn: bool, key: str = "algorithm.empg") -> None:
-    for name in ("k", "k_f", "zeta"):
-        v = getattr(c, name)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{key}.{name}: got {v!r}; expected a finite number >= 0")
+    check_fields(c, key + ".")
     if c.enabled and not multiturn:
         raise ValueError(f"{key}.enabled: EMPG modulates the advantage per step, and a step is an assistant turn "
                          "of a multi-turn rollout; set rollout.multiturn.enabled=true")
@@ -99,7 +98,8 @@ def rollout_turn_entropies(model, samples, pad_id: int, device, *, temperature: 
     token (top-k / top-p aside)."""
     from rubric_fast import ops
 
-    from .loop import collate, pack_micro_batches, token_hidden  # late: the loop imports this module
+    from .batches import collate, pack_micro_batches  # late: config.py imports this module
+    from .update import token_hidden
 
     todo = [s for s in samples if getattr(s.completion, "turn_spans", None) and s.completion.token_ids]
     if not todo:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rubric_fast.settings import setting
+from rubric_fast.settings import check_fields, setting
 
 ALL = "all"
 
@@ -46,28 +46,23 @@ ALL = "all"
 class EvalConfig:
     """``eval``: held-out evaluation during training (rubric_fast/trainer/evaluate.py)."""
 
-    every: int = setting(0, "evaluate at the start, every N steps and at the end; 0 = off")
+    every: int = setting(0, "evaluate at the start, every N steps and at the end; 0 = off",
+                         check=lambda v: v >= 0, accepts="an integer >= 0 (0 = off)")
     path: str | None = setting(None, "the rubric dataset evaluated; null = data.path")
     split: str | None = setting("held_out", "meta.split of the prompts evaluated; null or all = every prompt")
-    num_generations: int = setting(4, "G responses per prompt")
-    max_prompts: int = setting(0, "the first N prompts of the split; 0 = all")
-    temperature: float | None = setting(None, "sampling temperature; null = rollout.temperature")
-    max_new_tokens: int | None = setting(None, "longest response; null = rollout.max_new_tokens")
+    num_generations: int = setting(4, "G responses per prompt", check=lambda v: v >= 1, accepts="an integer >= 1")
+    max_prompts: int = setting(0, "the first N prompts of the split; 0 = all", check=lambda v: v >= 0,
+                               accepts="an integer >= 0 (0 = all)")
+    temperature: float | None = setting(None, "sampling temperature; null = rollout.temperature",
+                                         check=lambda v: v > 0, accepts="a number > 0 or null")
+    max_new_tokens: int | None = setting(None, "longest response; null = rollout.max_new_tokens",
+                                          check=lambda v: v >= 1, accepts="an integer >= 1 or null")
     seed: int = setting(1234, "sampling seed: the same random stream at every evaluation")
 
 
 def check_config(ec: EvalConfig) -> None:
-    """ValueError naming the key."""
-    if ec.every < 0:
-        raise ValueError(f"eval.every: got {ec.every}; expected an integer >= 0 (0 = off)")
-    if ec.num_generations < 1:
-        raise ValueError(f"eval.num_generations: got {ec.num_generations}; expected an integer >= 1")
-    if ec.max_prompts < 0:
-        raise ValueError(f"eval.max_prompts: got {ec.max_prompts}; expected an integer >= 0 (0 = all)")
-    if ec.temperature is not None and not ec.temperature > 0:
-        raise ValueError(f"eval.temperature: got {ec.temperature}; expected a number > 0 or null")
-    if ec.max_new_tokens is not None and ec.max_new_tokens < 1:
-        raise ValueError(f"eval.max_new_tokens: got {ec.max_new_tokens}; expected an integer >= 1 or null")
+    """ValueError naming the key (the declared checks of the fields)."""
+    check_fields(ec, "eval.")
 
 
 def split_of(rubric) -> str | None:
@@ -164,7 +159,7 @@ def evaluate(engine, tokenizer, scorer, rubrics: list, *, num_generations: int, 
              samples: list | None = None) -> EvalResult:
     """Generate ``num_generations`` responses per rubric with ``engine`` and score them with ``scorer``
     (a :class:`~rubric_fast.trainer.rewards.ServiceScorer`). ``samples``: a list to append one row per response."""
-    from .loop import encode_prompt
+    from .rollouts import encode_prompt  # late: config.py imports this module, rollouts.py imports config
 
     res = EvalResult(prompts=len(rubrics))
     prompts = [encode_prompt(tokenizer, r.prompt) for r in rubrics for _ in range(num_generations)]

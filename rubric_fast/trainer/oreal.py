@@ -22,6 +22,8 @@ the token-mean normalizer (the number of tokens with weight != 0), which must no
 
 from __future__ import annotations
 
+from rubric_fast.settings import check_fields
+
 
 def scale_advantages(adv: list[float], positive_factor: float, negative_factor: float) -> list[float]:
     return [a * positive_factor if a > 0 else a * negative_factor if a < 0 else a for a in adv]
@@ -45,9 +47,6 @@ def best_worst_keep(rewards: list[float | None], group_ids: list[int]) -> list[b
 
 def check_config(a, key: str = "algorithm") -> None:
     """ValueError naming the key (``a`` is the trainer's AlgorithmConfig)."""
-    for name in ("positive_loss_factor", "negative_loss_factor"):
-        v = getattr(a, name)
-        if v < 0:
-            raise ValueError(f"{key}.{name}: got {v!r}; expected a number >= 0")
+    check_fields(a, key + ".")  # the factors' own checks (AlgorithmConfig)
     if a.positive_loss_factor == 0 and a.negative_loss_factor == 0:
         raise ValueError(f"{key}.positive_loss_factor: both loss factors are 0, nothing would be learned")

@@ -37,9 +37,12 @@ class PairwiseConfig:
 
     enabled: bool = setting(False, "judge the responses of a group against each other; Bradley-Terry utilities are the rewards")
     plan: str = setting("all_pairs", "which pairs are compared", choices=PLANS)
-    comparisons_per_response: int = setting(2, "round_robin: k comparisons per response (k >= G-1: all pairs)")
-    prior: float = setting(0.1, "Bradley-Terry Gaussian prior precision (> 0: finite utilities)")
-    deadline_s: float = setting(600.0, "per group, from its last submission: unanswered comparisons fail")
+    comparisons_per_response: int = setting(2, "round_robin: k comparisons per response (k >= G-1: all pairs)",
+                                            check=lambda v: v >= 1, accepts=">= 1")
+    prior: float = setting(0.1, "Bradley-Terry Gaussian prior precision (> 0: finite utilities)",
+                           check=lambda v: v > 0, accepts="a number > 0 (keeps the utilities finite)")
+    deadline_s: float = setting(600.0, "per group, from its last submission: unanswered comparisons fail",
+                                check=lambda v: v > 0, accepts="seconds > 0")
 
 
 def check_config(p: PairwiseConfig, group_size: int, key: str = "reward.pairwise") -> None:
@@ -47,16 +50,10 @@ def check_config(p: PairwiseConfig, group_size: int, key: str = "reward.pairwise
     if p.enabled and group_size < 2:
         raise ValueError(f"{key}.enabled: pairwise judging compares the members of a group; "
                          f"rollout.num_generations is {group_size}, it needs >= 2")
-    if p.comparisons_per_response < 1:
-        raise ValueError(f"{key}.comparisons_per_response: got {p.comparisons_per_response}; expected >= 1")
     if p.enabled and p.plan == "round_robin" and p.comparisons_per_response > group_size - 1:
         raise ValueError(f"{key}.comparisons_per_response: got {p.comparisons_per_response}, but a group of "
                          f"rollout.num_generations={group_size} has only {group_size - 1} other members "
                          "(use plan: all_pairs)")
-    if not p.prior > 0:
-        raise ValueError(f"{key}.prior: got {p.prior!r}; expected a number > 0 (keeps the utilities finite)")
-    if not p.deadline_s > 0:
-        raise ValueError(f"{key}.deadline_s: got {p.deadline_s!r}; expected seconds > 0")
 
 
 class PairwiseScorer:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rubric_fast.settings import check_fields
+
 from .dist import full_tensor
 
 
@@ -54,11 +56,7 @@ def update_reference(reference: nn.Module, policy: nn.Module, *, ema: float | No
 
 def check_config(a, *, lora: bool, key: str = "algorithm") -> None:
     """ValueError naming the key (``a`` is the trainer's AlgorithmConfig)."""
-    if a.ref_update_interval < 0:
-        raise ValueError(f"{key}.ref_update_interval: got {a.ref_update_interval}; expected an integer >= 0 "
-                         "(0 = never, unless ref_ema is set: then every step)")
-    if a.ref_ema is not None and not 0.0 <= a.ref_ema < 1.0:
-        raise ValueError(f"{key}.ref_ema: got {a.ref_ema!r}; expected a number in [0, 1) or null")
+    check_fields(a, key + ".")  # ref_update_interval's and ref_ema's own checks (AlgorithmConfig)
     if not is_dynamic(a):
         return
     which = "ref_update_interval" if a.ref_update_interval > 0 else "ref_ema"

@@ -42,15 +42,14 @@ class RefineConfig:
     below: float = setting(1.0, "refine a group whose best reward is below this")
     accept: str = setting("improved", "keep a revision when it beats the best (improved) or always", choices=ACCEPT_MODES)
     instruction: str = setting(DEFAULT_INSTRUCTION, "the revision request; {criteria} is replaced by the unmet criteria, one \"- text\" per line")
-    max_groups: int = setting(0, "at most this many refinements per step and rank (0 = no limit)")
+    max_groups: int = setting(0, "at most this many refinements per step and rank (0 = no limit)",
+                               check=lambda v: v >= 0, accepts="an integer >= 0 (0 = no limit)")
 
 
 def check_config(c: RefineConfig, key: str = "rollout.refine") -> None:
     check_fields(c, key + ".")
     if "{criteria}" not in c.instruction:
         raise ValueError(f"{key}.instruction: must contain {{criteria}} (where the unmet criteria are listed)")
-    if c.max_groups < 0:
-        raise ValueError(f"{key}.max_groups: got {c.max_groups}; expected an integer >= 0 (0 = no limit)")
 
 
 def unmet_criteria(rubric, verdicts) -> list:
@@ -95,7 +94,7 @@ def is_accepted(revision_reward: float | None, best_reward: float, mode: str) ->
 def refine_groups(samples: list, cfg: RefineConfig, *, engine, tokenizer, scorer, encode_prompt,
                   policy_version: int) -> tuple[list, dict[str, float]]:
     """The accepted revisions (new samples, to be mixed into their groups) and the step's refine metrics."""
-    from .loop import Sample  # late: the loop imports this module
+    from .batches import Sample
 
     groups: dict[int, list] = {}
     for s in samples:
