@@ -3,7 +3,7 @@
     python bench/bench_packing.py                                   # CPU, a small decoder-bound Llama
     python bench/bench_packing.py --device cuda --dtype bfloat16 --model qwen2-0.5b --n-seqs 256
 
-Both variants run the trainer's own ``loop.update`` (one optimizer step, fused loss) on the same samples:
+Both variants run the trainer's own ``update.update`` (one optimizer step, fused loss) on the same samples:
 completions with lognormal lengths (median ``--median`` tokens, spread ``--sigma``, capped at ``--max-len``),
 as GRPO rollouts are (a few long, many short), plus prompts of ``--prompt-len`` tokens. ``padded`` groups
 them longest-first under ``optimization.tokens_per_micro_batch`` padded tokens; ``packed`` puts them back to

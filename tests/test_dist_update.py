@@ -1,6 +1,6 @@
 """Data parallel on CPU / gloo: 2 ranks make the same update as 1 rank on the same global batch (ddp, fsdp2).
 
-The oracle is one process running ``loop.update`` on all samples. The 2-rank runs split the groups (one
+The oracle is one process running ``update.update`` on all samples. The 2-rank runs split the groups (one
 rank gets longer completions, hence more micro-batches: fsdp2 pads with empty ones), so they only agree
 when the token / sequence normalizers and the entropy threshold are global and the gradients are summed
 (not averaged) over ranks. The optimizer is SGD with lr 1, so the weight change *is* the gradient (Adam
