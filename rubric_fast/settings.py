@@ -222,7 +222,7 @@ def format_help(cls: type, *, width: int = 100, only: str | None = None) -> str:
     for d in describe(cls):
         if only and not (d.key == only or d.key.startswith(only + ".")):
             continue
-        depth = d.key.count(".")
+        depth = d.key.count(".") - (only.count(".") if only else 0)  # a section asked for starts at the margin
         pad = "  " * depth
         if d.section:
             lines.append("")

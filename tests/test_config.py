@@ -177,3 +177,14 @@ def test_every_example_config_loads():
     for p in examples:
         cfg = load_config(p)
         assert cfg.max_steps >= 1, p
+
+
+def test_help_config_command(capsys):
+    from rubric_fast.cli import main
+
+    assert main(["train", "--help-config", "algorithm.policy_loss"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("algorithm.policy_loss:") and "algorithm.policy_loss.eps_high (float) = 0.2" in out
+    assert "algorithm.estimator" not in out  # only the section asked for
+    assert main(["train", "--help-config", "algorithm.polcy_loss"]) == 2
+    assert "no config key or section 'algorithm.polcy_loss'" in capsys.readouterr().err
