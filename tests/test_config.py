@@ -61,15 +61,19 @@ def test_judge_section_is_typed(tmp_path):
     assert cfg.scoring.guard == {"check_echo": False}
 
 
-def test_policy_loss_section_embeds_the_ops_config():
+def test_policy_loss_section_embeds_the_ops_config(caplog):
     from rubric_fast.reference.types import PolicyLossConfig
 
     cfg = load_config(None, ["algorithm.policy_loss.loss=cispo", "algorithm.policy_loss.eps_high=0.28"])
     assert isinstance(cfg.algorithm.policy_loss, PolicyLossConfig)
     assert policy_loss_config(cfg, normalizer=12.0) == PolicyLossConfig(loss="cispo", eps_high=0.28, normalizer=12.0)
     # the older flat keys are still read, into the section
-    old = load_config(None, ["algorithm.loss=cispo", "algorithm.eps_high=0.28"])
+    with caplog.at_level("WARNING", logger="rubric_fast"):
+        old = load_config(None, ["algorithm.loss=cispo", "algorithm.eps_high=0.28"])
     assert old.algorithm.policy_loss == cfg.algorithm.policy_loss
+    moved = [r.getMessage() for r in caplog.records if "algorithm.policy_loss" in r.getMessage()]
+    assert moved == ["override: algorithm.loss, algorithm.eps_high: now under algorithm.policy_loss (e.g. "
+                     "algorithm.policy_loss.loss); please move them"]
     # the normalizer is the loop's, per optimizer step
     with pytest.raises(ConfigError, match=r"algorithm\.policy_loss\.normalizer: not a setting"):
         load_config(None, ["algorithm.policy_loss.normalizer=3"])

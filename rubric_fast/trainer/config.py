@@ -415,16 +415,21 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, source: str | None) -> N
 
 # Keys of algorithm.policy_loss that used to sit directly under algorithm: still read there, with a warning.
 _MOVED_TO_POLICY_LOSS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig) if "internal" not in f.metadata)
-_warned: set[str] = set()
+_moved_keys: dict[str, list[str]] = {}  # source -> the flat keys read while loading (one warning per source)
 
 
 def _moved(key: str, source: str | None) -> None:
-    new = key.rsplit(".", 1)[0] + ".policy_loss." + key.rsplit(".", 1)[1]
-    if key not in _warned:
-        _warned.add(key)
-        import logging
+    _moved_keys.setdefault(source or "", []).append(key)
 
-        logging.getLogger("rubric_fast").warning("%s%s is now %s; please rename it", _where(source), key, new)
+
+def _warn_moved() -> None:
+    import logging
+
+    for source, keys in _moved_keys.items():
+        logging.getLogger("rubric_fast").warning(
+            "%s%s: now under algorithm.policy_loss (e.g. algorithm.policy_loss.%s); please move %s",
+            _where(source or None), ", ".join(keys), keys[0].rsplit(".", 1)[1], "it" if len(keys) == 1 else "them")
+    _moved_keys.clear()
 
 
 def _internal(f: dataclasses.Field, key: str, source: str | None) -> None:
@@ -554,7 +559,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             overridden.add(key)  # before setting it: an error it raises is the override's
             set_key(cfg, key, value, source="override")
         validate(cfg)
+        _warn_moved()
     except ConfigError as exc:
+        _moved_keys.clear()
         if p is None:
             raise
         raise ConfigError(_locate(str(exc), p, lines, overridden)) from None
