@@ -361,9 +361,84 @@ def _default_process_group(accelerator):
     return None
 
 
+@torch.no_grad()
+def _prepass(trainer, h, weight, bias, targets, mp, inputs, old_flat, is_weight, adv_tok, adv_dim: int, mask,
+             quantile: bool, extra: dict):
+    """Current log-probs / entropies (no grad): the old policy when TRL skipped it (on-policy), the off-policy
+    mask, TRL's quantile entropy mask. Returns (old log-probs, importance weight) flat."""
+    from rubric_fast.ops import linear_logprob_entropy
+
+    bsz, clen = mask.shape
+    lp0, ent0, _ = linear_logprob_entropy(h.detach(), weight.detach(), targets,
+                                          bias=None if bias is None else bias.detach(), temperature=mp.temperature)
+    lp0 = lp0.view(bsz, clen)
+    if old_flat is None:
+        old_flat = lp0.reshape(-1)
+    extra_w = torch.ones(bsz, clen, device=h.device)
+    if trainer.off_policy_mask_threshold is not None:
+        olp = old_flat.view(bsz, clen)
+        sampling = inputs.get("sampling_per_token_logps", olp)
+        extra_w = extra_w * trainer.get_off_policy_mask(
+            advantages=adv_tok[:, :1] if adv_dim == 1 else adv_tok, per_token_logps=lp0,
+            sampling_per_token_logps=sampling, mask=mask, off_policy_threshold=trainer.off_policy_mask_threshold)
+    if quantile:
+        emask = trainer.get_high_entropy_mask(ent0.view(bsz, clen), mask, 1 - mp.top_entropy_quantile)
+        extra["entropy_mask"] = emask
+        extra_w = extra_w * emask.float()
+    if trainer.off_policy_mask_threshold is not None or quantile:
+        ew = extra_w.reshape(-1)
+        is_weight = ew if is_weight is None else is_weight * ew
+    return old_flat, is_weight
+
+
+@torch.no_grad()
+def _log_metrics(trainer, mode, mp, cfg, logp, entropies, old, adv, mask, ref, entropy_mask, loss):
+    """TRL's own metrics, from the op's detached per-token log-probs and entropies ."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    maskf = mask.float()
+    log_ratio = logp - old
+    if mp.sequence_level:
+        coef_1 = torch.exp((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        coef_1 = torch.exp(log_ratio)
+    advantages = adv[:, :1] if mp.sequence_level else adv
+
+    def masked_seq_mean(x):
+        if x.shape[1] == 1:
+            return x.squeeze(1)
+        return (x * maskf).sum(-1) / maskf.sum(-1)
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:
+            local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+        else:
+            local_sum, local_count = (x * maskf).sum(), maskf.sum()
+        totals = trainer.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    m = trainer._metrics[mode]
+    if ref is not None:
+        d = ref - logp
+        m["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
+    m["entropy"].append(global_masked_mean(entropies))
+    if cfg.entropy_coef != 0.0:
+        m["policy_loss"].append(trainer.accelerator.gather(loss.detach()).nanmean().item())
+    if trainer.loss_type in _GRPO_FAMILY:
+        lo = (coef_1 < 1 - trainer.epsilon_low) & (advantages < 0)
+        hi = (coef_1 > 1 + trainer.epsilon_high) & (advantages > 0)
+        m["clip_ratio/low_mean"].append(global_masked_mean(lo.float()))
+        m["clip_ratio/high_mean"].append(global_masked_mean(hi.float()))
+        m["clip_ratio/region_mean"].append(global_masked_mean((lo | hi).float()))
+        m["clip_ratio/low_min"].append(nanmin(trainer.accelerator.gather(masked_seq_mean(lo.float()))).item())
+        m["clip_ratio/high_max"].append(nanmax(trainer.accelerator.gather(masked_seq_mean(hi.float()))).item())
+    elif trainer.loss_type == "cispo":
+        clipped = (coef_1 > trainer.epsilon_high) & (advantages > 0)
+        m["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+
+
 def _make_trainer_class():
     from trl import GRPOTrainer
-    from trl.trainer.utils import nanmax, nanmin
 
     class RubricFastGRPOTrainer(GRPOTrainer):
         """TRL's ``GRPOTrainer`` with the policy loss computed by ``rubric_fast.ops.fused_linear_policy_loss``.
@@ -396,7 +471,7 @@ def _make_trainer_class():
 
         def _compute_loss(self, model, inputs):
             from rubric_fast.integrations.hf import hidden_states_and_head
-            from rubric_fast.ops import fused_linear_policy_loss, linear_logprob_entropy
+            from rubric_fast.ops import fused_linear_policy_loss
 
             present = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
             if present:
@@ -447,31 +522,8 @@ def _make_trainer_class():
                 is_weight = None if is_ratio is None else is_ratio.expand(bsz, clen).reshape(-1).float()
                 with torch.autocast(h.device.type, enabled=False):
                     if need_prepass:
-                        # current log-probs / entropies (no grad): the old policy when TRL skipped it
-                        # (on-policy), the off-policy mask, TRL's quantile entropy mask
-                        with torch.no_grad():
-                            lp0, ent0, _ = linear_logprob_entropy(h.detach(), weight.detach(), targets,
-                                                                  bias=None if bias is None else bias.detach(),
-                                                                  temperature=mp.temperature)
-                        lp0 = lp0.view(bsz, clen)
-                        if old_flat is None:
-                            old_flat = lp0.reshape(-1)
-                        extra_w = torch.ones(bsz, clen, device=h.device)
-                        if trainer.off_policy_mask_threshold is not None:
-                            olp = old_flat.view(bsz, clen)
-                            sampling = inputs.get("sampling_per_token_logps", olp)
-                            extra_w = extra_w * trainer.get_off_policy_mask(
-                                advantages=adv_tok[:, :1] if advantages.dim() == 1 else adv_tok,
-                                per_token_logps=lp0, sampling_per_token_logps=sampling, mask=mask,
-                                off_policy_threshold=trainer.off_policy_mask_threshold)
-                        if quantile:
-                            emask = trainer.get_high_entropy_mask(ent0.view(bsz, clen), mask,
-                                                                  1 - mp.top_entropy_quantile)
-                            extra["entropy_mask"] = emask
-                            extra_w = extra_w * emask.float()
-                        if trainer.off_policy_mask_threshold is not None or quantile:
-                            ew = extra_w.reshape(-1)
-                            is_weight = ew if is_weight is None else is_weight * ew
+                        old_flat, is_weight = _prepass(trainer, h, weight, bias, targets, mp, inputs, old_flat,
+                                                       is_weight, adv_tok, advantages.dim(), mask, quantile, extra)
                     loss, _stats, logp, ent = fused_linear_policy_loss(
                         h, weight, targets, old_flat, adv_tok.reshape(-1).float(), weights,
                         ref_logp=None if ref is None else ref.reshape(-1).float(), is_weight=is_weight,
@@ -487,48 +539,8 @@ def _make_trainer_class():
                                           ref, extra.get("entropy_mask"), loss)
             return loss
 
-        @torch.no_grad()
-        def _log_rubric_fast_metrics(self, mode, mp, cfg, logp, entropies, old, adv, mask, ref, entropy_mask, loss):
-            """TRL's own metrics, from the op's detached per-token log-probs and entropies."""
-            maskf = mask.float()
-            log_ratio = logp - old
-            if mp.sequence_level:
-                coef_1 = torch.exp((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-            else:
-                coef_1 = torch.exp(log_ratio)
-            advantages = adv[:, :1] if mp.sequence_level else adv
-
-            def masked_seq_mean(x):
-                if x.shape[1] == 1:
-                    return x.squeeze(1)
-                return (x * maskf).sum(-1) / maskf.sum(-1)
-
-            def global_masked_mean(x):
-                if x.shape[1] == 1:
-                    local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
-                else:
-                    local_sum, local_count = (x * maskf).sum(), maskf.sum()
-                totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
-                return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-            m = self._metrics[mode]
-            if ref is not None:
-                d = ref - logp
-                m["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
-            m["entropy"].append(global_masked_mean(entropies))
-            if cfg.entropy_coef != 0.0:
-                m["policy_loss"].append(self.accelerator.gather(loss.detach()).nanmean().item())
-            if self.loss_type in _GRPO_FAMILY:
-                lo = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)
-                hi = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)
-                m["clip_ratio/low_mean"].append(global_masked_mean(lo.float()))
-                m["clip_ratio/high_mean"].append(global_masked_mean(hi.float()))
-                m["clip_ratio/region_mean"].append(global_masked_mean((lo | hi).float()))
-                m["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(lo.float()))).item())
-                m["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(hi.float()))).item())
-            elif self.loss_type == "cispo":
-                clipped = (coef_1 > self.epsilon_high) & (advantages > 0)
-                m["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+        def _log_rubric_fast_metrics(self, *args):
+            _log_metrics(self, *args)
 
     RubricFastGRPOTrainer.__module__ = __name__
     return RubricFastGRPOTrainer
