@@ -1,5 +1,5 @@
 """The train loop's parts: the train state and the rollouts save and restore themselves, callbacks see the
-run's events in order, the test hooks are callbacks, and no trainer function grows past about 120 lines."""
+run's events in order, the test hooks are callbacks, and no function grows past about 120 lines."""
 
 from __future__ import annotations
 
@@ -99,12 +99,13 @@ def test_test_hooks_are_callbacks(monkeypatch):
         KillAt.parse("backward")
 
 
-def test_no_trainer_function_over_120_lines():
+def test_no_function_over_120_lines():
+    """The trainer's (the issue that split the loop) and, since, the whole package's."""
     long = []
-    for path in sorted((ROOT / "rubric_fast" / "trainer").glob("*.py")):
+    for path in sorted((ROOT / "rubric_fast").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > 120:
-                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long

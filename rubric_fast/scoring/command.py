@@ -113,12 +113,74 @@ def _read_rows(args, rubrics) -> list[tuple[int, object, str]]:
     return rows
 
 
+def _tally(rows, results: dict, out):
+    """Per criterion: met / judged / failed counts; the judged rewards, guarded rows and errors; each row's
+    result to ``out`` (jsonl) when given."""
+    from .scorer import rollout_errors
+
+    met = defaultdict(int)
+    judged = defaultdict(int)
+    failed = defaultdict(int)
+    judged_rewards, guarded_rows, errors = [], 0, []
+    for lineno, rubric, resp in rows:
+        m = results.get(lineno)
+        if m is None:
+            errors.append("no result (the scorer was closed)")
+            continue
+        if m.reward is None:
+            errors.extend(rollout_errors(m) or ["unknown error"])
+        elif m.guarded:
+            guarded_rows += 1
+        else:
+            judged_rewards.append(m.reward)
+        for v in m.verdicts:
+            if v.guarded and v.criterion_id == "__holistic__" and rubric.aggregation.method != "implicit_likert":
+                continue
+            if v.score is None:
+                failed[v.criterion_id] += 1
+            else:
+                judged[v.criterion_id] += 1
+                met[v.criterion_id] += v.score >= 0.5
+        if out:
+            out.write(json.dumps({"line": lineno, "rubric_id": rubric.id, "reward": m.reward, "error": m.error,
+                                  "guarded": m.guarded, "guard_reason": m.guard_reason,
+                                  "verdicts": [{"criterion_id": v.criterion_id, "score": v.score,
+                                                "reason": v.reason, "error": v.error} for v in m.verdicts]},
+                                 ensure_ascii=False) + "\n")
+    return met, judged, failed, judged_rewards, guarded_rows, errors
+
+
+def _print_table(rubrics, rows, met, judged, failed, judged_rewards, guarded_rows, metrics: dict) -> int:
+    """The pass-rate table and the summary lines; returns the number of failed responses."""
+    texts: dict[str, str] = {}
+    for r in rubrics:
+        for c in r.criteria:
+            texts[c.id] = c.text if texts.get(c.id, c.text) == c.text else "(text varies by prompt)"
+    print(f"{'criterion':<14} {'met':>7} {'judged':>7} {'failed':>7}  text")
+    for cid in sorted(set(judged) | set(failed)):
+        n = judged[cid]
+        rate = f"{met[cid] / n:7.1%}" if n else "      -"
+        print(f"{cid:<14} {rate} {n:>7} {failed[cid]:>7}  {texts.get(cid, '')[:60]}")
+    n_failed = len(rows) - len(judged_rewards) - guarded_rows
+    mean = f"{sum(judged_rewards) / len(judged_rewards):.4f}" if judged_rewards else "-"
+    print(f"\nresponses: {len(rows)}  judged: {len(judged_rewards)}  guarded: {guarded_rows}  failed: {n_failed}")
+    print(f"mean reward of judged responses: {mean}  (guarded responses score 0 and are not in this mean)")
+    by_reason = metrics.get("guarded_by_reason") or {}
+    print(f"judge requests: {metrics['judge_requests']}  verdicts requested: {metrics['verdicts_requested']}  "
+          f"cache hits: {metrics['cache_hits']}  parse failures: {metrics['parse_failures']}  guarded by reason: "
+          + (", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) or "-"))
+    if metrics.get("audit_false_pass_rate") is not None:
+        print(f"judge audit: false-pass rate {metrics['audit_false_pass_rate']:.1%} on "
+              f"{metrics['audit_canary_verdicts']} canary verdicts")
+    return n_failed
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 scored; 1 every row failed, or the failed fraction passed --max-error-rate; 2 bad input."""
     from rubric_fast.rubric import RubricError, load_rubrics
 
     from .config import build_service, check_judge_coverage
-    from .scorer import rollout_errors, summarize_errors
+    from .scorer import summarize_errors
 
     if not 0.0 <= args.max_error_rate <= 1.0:
         return _fail(f"--max-error-rate: expected a number in [0, 1], got {args.max_error_rate:g}")
@@ -170,57 +232,12 @@ def run(args: argparse.Namespace) -> int:
                 results[int(m.rollout_id)] = m
         metrics = svc.metrics()
 
-    met = defaultdict(int)
-    judged = defaultdict(int)
-    failed = defaultdict(int)
-    judged_rewards, guarded_rows, errors = [], 0, []
-    for lineno, rubric, resp in rows:
-        m = results.get(lineno)
-        if m is None:
-            errors.append("no result (the scorer was closed)")
-            continue
-        if m.reward is None:
-            errors.extend(rollout_errors(m) or ["unknown error"])
-        elif m.guarded:
-            guarded_rows += 1
-        else:
-            judged_rewards.append(m.reward)
-        for v in m.verdicts:
-            if v.guarded and v.criterion_id == "__holistic__" and rubric.aggregation.method != "implicit_likert":
-                continue
-            if v.score is None:
-                failed[v.criterion_id] += 1
-            else:
-                judged[v.criterion_id] += 1
-                met[v.criterion_id] += v.score >= 0.5
+    try:
+        met, judged, failed, judged_rewards, guarded_rows, errors = _tally(rows, results, out)
+    finally:
         if out:
-            out.write(json.dumps({"line": lineno, "rubric_id": rubric.id, "reward": m.reward, "error": m.error,
-                                  "guarded": m.guarded, "guard_reason": m.guard_reason,
-                                  "verdicts": [{"criterion_id": v.criterion_id, "score": v.score,
-                                                "reason": v.reason, "error": v.error} for v in m.verdicts]},
-                                 ensure_ascii=False) + "\n")
-    if out:
-        out.close()
-    texts: dict[str, str] = {}
-    for r in rubrics:
-        for c in r.criteria:
-            texts[c.id] = c.text if texts.get(c.id, c.text) == c.text else "(text varies by prompt)"
-    print(f"{'criterion':<14} {'met':>7} {'judged':>7} {'failed':>7}  text")
-    for cid in sorted(set(judged) | set(failed)):
-        n = judged[cid]
-        rate = f"{met[cid] / n:7.1%}" if n else "      -"
-        print(f"{cid:<14} {rate} {n:>7} {failed[cid]:>7}  {texts.get(cid, '')[:60]}")
-    n_failed = len(rows) - len(judged_rewards) - guarded_rows
-    mean = f"{sum(judged_rewards) / len(judged_rewards):.4f}" if judged_rewards else "-"
-    print(f"\nresponses: {len(rows)}  judged: {len(judged_rewards)}  guarded: {guarded_rows}  failed: {n_failed}")
-    print(f"mean reward of judged responses: {mean}  (guarded responses score 0 and are not in this mean)")
-    by_reason = metrics.get("guarded_by_reason") or {}
-    print(f"judge requests: {metrics['judge_requests']}  verdicts requested: {metrics['verdicts_requested']}  "
-          f"cache hits: {metrics['cache_hits']}  parse failures: {metrics['parse_failures']}  guarded by reason: "
-          + (", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) or "-"))
-    if metrics.get("audit_false_pass_rate") is not None:
-        print(f"judge audit: false-pass rate {metrics['audit_false_pass_rate']:.1%} on "
-              f"{metrics['audit_canary_verdicts']} canary verdicts")
+            out.close()
+    n_failed = _print_table(rubrics, rows, met, judged, failed, judged_rewards, guarded_rows, metrics)
     if n_failed:
         print(f"rubric-fast score: {n_failed} of {len(rows)} responses failed: {summarize_errors(errors)}",
               file=sys.stderr)
