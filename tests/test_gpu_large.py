@@ -15,19 +15,13 @@ offsets there. Outputs are NaN-poisoned before every launch.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="GPU tests do not run in the interpreter"),
-]
+from gpu_marks import TRITON_GPU  # noqa: E402
+pytestmark = TRITON_GPU
 
 DEV = "cuda"
 N, H, V = 16391, 128, 131101
