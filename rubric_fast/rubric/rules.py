@@ -348,23 +348,24 @@ def _validate_regex(p):
         raise ValueError(f"invalid regex {p['pattern']!r}: {exc}") from None
 
 
-def _validate_length(p):
-    if p.get("unit", "words") not in ("words", "chars"):
-        raise ValueError("'unit' must be words or chars")
+def _validate_bounds(p):
+    """``min`` and/or ``max``: integers >= 0 (length and count rules)."""
     if p.get("min") is None and p.get("max") is None:
         raise ValueError("needs 'min' and/or 'max'")
     for k in ("min", "max"):
         if p.get(k) is not None and (isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 0):
             raise ValueError(f"'{k}' must be an integer >= 0")
+
+
+def _validate_length(p):
+    if p.get("unit", "words") not in ("words", "chars"):
+        raise ValueError("'unit' must be words or chars")
+    _validate_bounds(p)
 
 
 def _validate_count(p):
     _validate_regex({k: v for k, v in p.items() if k != "mode"})
-    if p.get("min") is None and p.get("max") is None:
-        raise ValueError("needs 'min' and/or 'max'")
-    for k in ("min", "max"):
-        if p.get(k) is not None and (isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 0):
-            raise ValueError(f"'{k}' must be an integer >= 0")
+    _validate_bounds(p)
 
 
 def _validate_nothing(p):
