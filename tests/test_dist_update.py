@@ -10,8 +10,6 @@ would hide a wrong scale).
 from __future__ import annotations
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from rubric_fast.trainer.config import load_config
 from rubric_fast.trainer.dist import PolicyForward, full_tensor, shard_fsdp2
 from rubric_fast.trainer.models import build_char_tokenizer, load_policy
 from rubric_fast.trainer.rollout import Completion
+from procs import free_port, init_gloo
 
 SMALL = ["data.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_new_tokens=12",
          "model.tiny.hidden_size=32", "model.tiny.intermediate_size=48", "optimization.grad_clip=null",
@@ -75,10 +74,7 @@ def _one_update(strategy: str, overrides: list[str], rank: int, world: int) -> d
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         for i, (strategy, overrides) in enumerate(VARIANTS):
             res = _one_update(strategy, overrides, rank, world)
@@ -88,16 +84,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_update")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     return [torch.load(out / f"variant_{i}.pt", weights_only=True) for i in range(len(VARIANTS))]
 
 

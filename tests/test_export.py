@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from rubric_fast.cli import main as cli_main
 from rubric_fast.trainer.command import DEFAULT_CONFIG
 from rubric_fast.trainer.config import load_config
 from rubric_fast.trainer.loop import train
+from procs import free_port
 
 SMALL = ["max_steps=2", "data.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_new_tokens=8",
          "logging.tensorboard=false", "logging.progress=false", "logging.samples_every=0",
@@ -109,19 +109,13 @@ def test_export_merges_lora_into_the_base_weights(tmp_path):
     assert float((want - base).abs().max()) > 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_export_from_an_fsdp2_sharded_checkpoint(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "rubric_fast.cli", "train", *SMALL,
+           "--master_port", str(free_port()), "-m", "rubric_fast.cli", "train", *SMALL,
            f"logging.run_dir={run_dir}", "distributed.strategy=fsdp2", "checkpoint.export_hf=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

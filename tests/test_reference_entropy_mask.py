@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from rubric_fast.reference import distributed_entropy_mask, entropy_mask, selection_count
+from procs import free_port
 
 # ---------------------------------------------------------------- single process, by hand
 
@@ -98,12 +98,6 @@ def test_random_against_python_oracle():
 
 
 # ---------------------------------------------------------------- distributed (gloo)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_cases(seed: int, world: int):
@@ -191,7 +185,7 @@ def _results(world, tmp_path_factory):
     if world not in _RESULTS:
         seed = random.randrange(2**31)
         out = tmp_path_factory.mktemp(f"dist{world}")
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         # fork, not spawn: a spawned child re-imports torch (~5-10 s each on a loaded 2-core box); the
         # children only run tiny single-threaded ops, so the fork-after-OpenMP hazard does not arise.
         mp.start_processes(_worker, args=(world, init, seed, str(out)), nprocs=world, join=True,

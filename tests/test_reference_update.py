@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from methods_helpers import run  # noqa: E402
 from rubric_fast.trainer.config import AlgorithmConfig, ConfigError, load_config  # noqa: E402
 from rubric_fast.reference.types import PolicyLossConfig  # noqa: E402
 from rubric_fast.trainer.reference_update import is_due, update_reference  # noqa: E402
+from procs import free_port, init_gloo  # noqa: E402
 
 
 def test_copy_and_ema_by_hand():
@@ -100,10 +99,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
     from rubric_fast.trainer.dist import PolicyForward, full_tensor, shard_fsdp2
     from rubric_fast.trainer.models import ReferencePolicy, build_char_tokenizer, load_policy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         cfg = load_config(DEFAULT_CONFIG, ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=48"])
         torch.manual_seed(0)
@@ -123,9 +119,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_reference_update_gathers_the_shards(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_fsdp2_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for n, full in r0["policy"].items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import free_port
 
 ARGS = ["max_steps=6", "data.prompts_per_step=2", "rollout.num_generations=4", "rollout.max_new_tokens=8",
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=48", "optimization.lr=1e-2",
@@ -50,12 +50,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(tmp_path: Path, run: str, tag: str, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -64,7 +58,7 @@ def torchrun(tmp_path: Path, run: str, tag: str, *extra: str, kill: str | None =
     if kill:
         env["RUBRIC_FAST_TEST_KILL"] = kill
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(driver), "train", *ARGS, f"logging.run_dir={tmp_path / run}",
+           "--master_port", str(free_port()), str(driver), "train", *ARGS, f"logging.run_dir={tmp_path / run}",
            *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
 
@@ -150,7 +144,7 @@ def test_fsdp2_sigkill_then_resume_is_bitwise_exact(tmp_path):
 def test_a_dead_rank_ends_the_others_within_the_collective_timeout(tmp_path):
     """Two ranks started by hand (no torchrun agent to tear the job down): rank 1 dies mid-step, rank 0
     must exit with an error, not hang."""
-    port = _free_port()
+    port = free_port()
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
             "RUBRIC_FAST_TEST_KILL": "backward:2:1"}
     cmd = [sys.executable, "-m", "rubric_fast.cli", "train", *ARGS, "distributed.timeout_s=15",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from procs import free_port
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 try:
@@ -185,12 +185,6 @@ def test_exported_folder_loads_in_vllm(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ server mode
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real OpenAI-compatible vLLM server on loopback, dev routes on, serving the tiny policy's shape."""
@@ -199,7 +193,7 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     policy, tok, mc = _policy(seed=7)
     model_dir = export_policy(policy, tok, d / "start", model_cfg=mc)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
            "127.0.0.1", "--port", str(port), "--dtype", "float32", "--logprobs-mode", "processed_logprobs",
            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "256",
@@ -259,7 +253,7 @@ def test_server_mode_generates_and_follows_pushed_weights(server, tmp_path):
 def test_server_bad_input_is_one_line_naming_the_endpoint(server, tmp_path):
     url, _ = server
     policy, tok, _ = _policy(seed=11)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError) as e:
         VLLMServerEngine(policy, tok, _server_cfg(dead), sync_dir=tmp_path / "s0")
     assert str(e.value).startswith(f"rollout.vllm.endpoints: {dead}/v1/models: listing the served model: "
