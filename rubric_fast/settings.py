@@ -70,7 +70,10 @@ def check_fields(obj: Any, prefix: str = "") -> None:
     for f in dataclasses.fields(obj):
         md = f.metadata
         v = getattr(obj, f.name)
-        want = _type_error(v, _plain_types(f.type))
+        tps = _TYPES.get(f.type)
+        if tps is None:
+            tps = _TYPES[f.type] = _plain_types(f.type)
+        want = _type_error(v, tps)
         if want:
             raise ValueError(f"{prefix}{f.name}: expected {want}, got {v!r}")
         if "choices" in md and v not in md["choices"]:
@@ -86,6 +89,7 @@ def check_fields(obj: Any, prefix: str = "") -> None:
 
 
 _PLAIN = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+_TYPES: dict[Any, tuple[type, ...]] = {}  # annotation -> _plain_types(annotation): a config checks every field
 _WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
