@@ -437,13 +437,18 @@ def _internal(f: dataclasses.Field, key: str, source: str | None) -> None:
         raise ConfigError(f"{_where(source)}{key}: not a setting: {f.metadata['internal']}")
 
 
+def _mapping_typed(tp: Any) -> bool:
+    """Whether a key holds a free mapping (``Any``, ``dict``, ``dict | None``, ...): set key by key below it."""
+    if tp is Any or tp is dict or typing.get_origin(tp) is dict:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_mapping_typed(a)
+                                                                             for a in typing.get_args(tp))
+
+
 def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None) -> None:
-    """Set one dotted key (``algorithm.policy_loss.loss``); keys below a mapping-typed key are free."""
+    """Set one dotted key (``algorithm.policy_loss.loss``) as ``_apply`` sets it from a file; keys below a
+    mapping-typed key (``scoring.guard.check_echo``) add to that mapping."""
     parts = dotted.split(".")
-    if len(parts) >= 2 and parts[0] == "algorithm" and parts[1] in _MOVED_TO_POLICY_LOSS:
-        _moved(".".join(parts[:2]), source)
-        parts = ["algorithm", "policy_loss"] + parts[1:]
-        dotted = ".".join(parts)
     obj: Any = cfg
     for i, part in enumerate(parts[:-1]):
         if isinstance(obj, dict):
@@ -454,27 +459,16 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None
             raise _unknown(".".join(parts[:i + 1]), part, list(fields), source)
         child = getattr(obj, part)
         if not dataclasses.is_dataclass(child) and not isinstance(child, dict):
-            if fields[part][1] not in (Any, dict) and typing.get_origin(fields[part][1]) is not dict \
-                    and "dict" not in str(fields[part][1]):
+            if not _mapping_typed(fields[part][1]):
                 raise ConfigError(f"{_where(source)}{'.'.join(parts[:i + 1])}: not a section (a "
                                   f"{_type_name(fields[part][1])}); set it as {'.'.join(parts[:i + 1])}=VALUE")
             child = {}  # a mapping-valued key (e.g. scoring.guard) given key by key
             setattr(obj, part, child)
         obj = child
-    last = parts[-1]
     if isinstance(obj, dict):
-        obj[last] = value
-        return
-    fields = _fields(type(obj))
-    if last not in fields:
-        raise _unknown(dotted, last, list(fields), source)
-    _internal(fields[last][0], dotted, source)
-    if isinstance(obj, JudgeConfig) and last == "type" and isinstance(value, str):
-        obj.switch_type(value)  # another judge type: the previous type's keys are cleared
-    if dataclasses.is_dataclass(getattr(obj, last)):
-        _apply(getattr(obj, last), value, dotted + ".", source)
-    else:
-        setattr(obj, last, _coerce(value, fields[last][1], dotted, source))
+        obj[parts[-1]] = value
+    else:  # the key's checks, a moved algorithm key, a judge type switch, a whole section: as in a file
+        _apply(obj, {parts[-1]: value}, "".join(p + "." for p in parts[:-1]), source)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
