@@ -157,6 +157,14 @@ def judge_keys(kind: str) -> set[str]:
             if "judges" not in f.metadata or kind in f.metadata["judges"]}
 
 
+def effective_guard(scoring_guard: Any, judge: JudgeConfig | dict | None) -> Any:
+    """The junk guard in force: ``scoring.guard`` when it says more than the default (true), else the judge
+    section's ``guard``."""
+    if scoring_guard is not None and scoring_guard is not True:
+        return scoring_guard
+    return as_judge_config(judge or {"type": "rule"}).guard
+
+
 def as_judge_config(config: Any, where: str = "judge") -> JudgeConfig:
     """A JudgeConfig from a JudgeConfig (checked again) or a plain mapping."""
     if isinstance(config, JudgeConfig):
@@ -264,8 +272,7 @@ def _judge_and_config(config: Any, judge):
             raise ValueError("scorer config: missing 'judge' mapping (e.g. {type: rule})")
         jc = as_judge_config(judge_cfg)
         judge = build_judge(jc, guard=False)
-        if cfg.guard is True and jc.guard is not True:  # a guard given with the judge applies
-            cfg.guard = jc.guard
+        cfg.guard = effective_guard(cfg.guard, jc)
     return judge, cfg
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from rubric_fast.judges.guard import GuardConfig, junk_reason
 from rubric_fast.judges.pairwise import RulePairwiseJudge
-from rubric_fast.scoring.config import build_pairwise_judge
+from rubric_fast.scoring.config import build_pairwise_judge, effective_guard
 from rubric_fast.rubric.pairwise import PLANS, comparison_plan, consistent_outcome, pairwise_rewards
 
 from .rewards import ScoredCompletion
@@ -155,9 +155,6 @@ def make_pairwise_scorer(judge_cfg: Any, scoring_cfg: Any, cfg: PairwiseConfig,
                          group_size: int, *, judge=None) -> PairwiseScorer:
     """From the trainer's ``judge`` / ``scoring`` sections (the scoring ``guard`` key applies here too)."""
     judge = judge if judge is not None else build_pairwise_judge(judge_cfg)
-    from rubric_fast.scoring.config import as_judge_config
-
-    scoring_guard = getattr(scoring_cfg, "guard", None) if not isinstance(scoring_cfg, dict) else scoring_cfg.get("guard")
-    judge_guard = as_judge_config(judge_cfg or {"type": "rule"}).guard
-    guard = scoring_guard if scoring_guard is not None and scoring_guard is not True else judge_guard
+    scoring_guard = scoring_cfg.get("guard") if isinstance(scoring_cfg, dict) else getattr(scoring_cfg, "guard", None)
+    guard = effective_guard(scoring_guard, judge_cfg)
     return PairwiseScorer(judge, cfg, group_size, guard=guard)
