@@ -26,7 +26,7 @@ from rubric_fast.reference.types import PolicyLossConfig
 from rubric_fast.rubric.loaders import FORMATS
 from rubric_fast.scoring.config import JudgeConfig
 from rubric_fast.scoring.scorer import ScorerConfig
-from rubric_fast.settings import as_dict as settings_dict, check_tree, format_help, setting
+from rubric_fast.settings import as_dict as settings_dict, check_tree, format_help, setting, type_name
 
 from .calibration import CalibrationConfig
 from .empg import EMPGConfig
@@ -318,10 +318,6 @@ def _where(source: str | None) -> str:
     return f"{source}: " if source else ""
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -329,16 +325,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key, source)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{_where(source)}{key}: expected {' or '.join(_type_name(a) for a in args)}, "
-                          f"got {value!r}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{_where(source)}{key}: expected {type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{_where(source)}{key}: expected a list, got {value!r}")
@@ -460,8 +454,8 @@ def set_key(cfg: TrainConfig, dotted: str, value: Any, source: str | None = None
         child = getattr(obj, part)
         if not dataclasses.is_dataclass(child) and not isinstance(child, dict):
             if not _mapping_typed(fields[part][1]):
-                raise ConfigError(f"{_where(source)}{'.'.join(parts[:i + 1])}: not a section (a "
-                                  f"{_type_name(fields[part][1])}); set it as {'.'.join(parts[:i + 1])}=VALUE")
+                raise ConfigError(f"{_where(source)}{'.'.join(parts[:i + 1])}: not a section (it holds "
+                                  f"{type_name(fields[part][1])}); set it as {'.'.join(parts[:i + 1])}=VALUE")
             child = {}  # a mapping-valued key (e.g. scoring.guard) given key by key
             setattr(obj, part, child)
         obj = child
@@ -559,12 +553,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if p is None:
             raise
         raise ConfigError(_locate(str(exc), p, lines, overridden)) from None
-    return cfg
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
     return cfg
 
 
